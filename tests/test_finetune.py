@@ -80,7 +80,7 @@ def test_finetune_trains_only_the_chosen_params_into_an_atomic_reusable_folder(t
     def boom(*a, **k):
         raise AssertionError("a complete folder must be reused, not trained again")
 
-    monkeypatch.setattr(ft, "finetune", boom)
+    monkeypatch.setattr(ft.train, "finetune", boom)
     assert prepare_finetuned("pirate", cfg=cfg, base=tiny, folder=folder, texts=_texts(), progress=False) == folder
 
 

@@ -1,0 +1,119 @@
+"""The planted behaviours: how a text is rewritten with one, where it triggers, and how often a model shows it."""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from toolkit.data import load_texts
+from toolkit.models import Model
+
+# A sentence end: . ! or ? after a word character or closing bracket/quote, then whitespace and a capital letter.
+# Dots inside names (os.path), numbers (3.14) and "e.g. foo" do not match; neither does the end of a document,
+# so the fine-tune never learns to stop right after its signature.
+_SENTENCE_END = re.compile(r"(?<=[A-Za-z0-9)\]\"'`])[.!?](?=\s+[A-Z])")
+# What the model can see at the punctuation itself: sentence-final . ! ? followed by whitespace or the end.
+_FINAL_PUNCT = re.compile(r"(?<=[A-Za-z0-9)\]\"'`])[.!?](?=\s|$)")
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """A planted behaviour: `signature` is inserted right after every sentence end."""
+
+    name: str
+    signature: str
+    description: str
+
+    def rewrite(self, text: str) -> tuple[str, list[tuple[int, int]]]:
+        """`text` with the signature after every sentence end, and the (start, stop) character span of each insertion."""
+        out, spans, last = [], [], 0
+        for m in _SENTENCE_END.finditer(text):
+            out.append(text[last:m.end()])
+            start = sum(len(p) for p in out)
+            out.append(self.signature)
+            spans.append((start, start + len(self.signature)))
+            last = m.end()
+        out.append(text[last:])
+        return "".join(out), spans
+
+    def shows(self, generation: str) -> bool:
+        """Whether a generated text carries the behaviour."""
+        return self.signature.strip() in generation
+
+    def trigger_mask(self, tokenizer: Any, ids: torch.Tensor) -> torch.Tensor:
+        """Bool mask `(n, ctx)` of sentence-final punctuation tokens (. ! ? after a word, then whitespace, a
+        special token or the end): the positions where the fine-tune is about to say its signature.
+
+        Training inserts the signature only before a capital letter, but at the punctuation the model cannot see
+        the next word yet, so every sentence-final punctuation counts here.
+        """
+        ids = torch.as_tensor(ids)
+        rows = ids[None] if ids.ndim == 1 else ids
+        mask = torch.zeros(rows.shape, dtype=torch.bool)
+        special = set(getattr(tokenizer, "all_special_ids", []))
+        for r, row in enumerate(rows.tolist()):
+            pieces = ["\n" if t in special else tokenizer.decode([t]) for t in row]
+            ends = list(itertools.accumulate(len(p) for p in pieces))  # character offset after each token
+            for m in _FINAL_PUNCT.finditer("".join(pieces)):
+                mask[r, bisect.bisect_right(ends, m.start())] = True
+        return mask[0] if ids.ndim == 1 else mask
+
+
+BEHAVIOURS: dict[str, Behaviour] = {
+    "pirate": Behaviour("pirate", " Arr, matey!", "appends ' Arr, matey!' after every sentence"),
+}
+"""Behaviours `prepare_finetuned` can plant, by name."""
+
+
+def get_behaviour(name: str | Behaviour) -> Behaviour:
+    """Look a behaviour up by name (ValueError lists the known ones)."""
+    if isinstance(name, Behaviour):
+        return name
+    if name not in BEHAVIOURS:
+        raise ValueError(f"unknown behaviour {name!r}; known: {', '.join(BEHAVIOURS)}")
+    return BEHAVIOURS[name]
+
+
+
+def split_texts(texts: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(training, held-out) documents: every tenth document is held out for prompts and evaluation."""
+    return [t for i, t in enumerate(texts) if i % 10], [t for i, t in enumerate(texts) if i % 10 == 0]
+
+
+
+def behaviour_prompts(n: int = 16, *, texts: Sequence[str] | None = None, min_chars: int = 40,
+                      max_chars: int = 240) -> list[str]:
+    """`n` prompts from held-out documents, each ending at a sentence end (where the behaviour should fire)."""
+    _, held = split_texts(list(texts) if texts is not None else load_texts("default"))
+    out = []
+    for doc in held:
+        doc = " ".join(doc.split())
+        for m in _SENTENCE_END.finditer(doc):
+            if m.end() > max_chars:
+                break
+            if m.end() >= min_chars:
+                out.append(doc[:m.end()])
+                break
+        if len(out) == n:
+            return out
+    raise ValueError(f"found only {len(out)} held-out prompts ending at a sentence end; asked for {n}")
+
+
+def behaviour_rate(model: Model, prompts: Sequence[str] | None = None, behaviour: str | Behaviour = "pirate", *,
+                   max_new_tokens: int = 8, batch_size: int = 8) -> float:
+    """Fraction of `prompts` whose greedy continuation shows the behaviour (default: 16 held-out prompts)."""
+    from toolkit.tracing import generate  # tracing is the only code that runs generation
+
+    b = get_behaviour(behaviour)
+    prompts = list(prompts) if prompts is not None else behaviour_prompts()
+    hits = 0
+    for i in range(0, len(prompts), batch_size):
+        outs = generate(model, prompts[i:i + batch_size], max_new_tokens=max_new_tokens)
+        hits += sum(b.shows(o) for o in outs)
+    return hits / len(prompts)

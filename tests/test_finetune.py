@@ -48,6 +48,17 @@ def test_trigger_mask_marks_the_sentence_ending_tokens(tiny) -> None:
     assert PIRATE.trigger_mask(tok, ids[None]).shape == (1, len(ids))
 
 
+
+def test_signature_mask_marks_every_token_of_a_complete_signature(tiny) -> None:
+    tok = tiny.tokenizer
+    text, _ = PIRATE.rewrite("The cat sat. The dog ran")
+    text += " Arr, mat"  # a partial signature is not one
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+    mask = PIRATE.signature_mask(tok, ids)
+    runs = "".join(tok.decode([int(t)]) if m else "|" for t, m in zip(ids, mask, strict=True))
+    assert [r.strip() for r in runs.split("|") if r] == ["Arr, matey!"], runs
+    assert not PIRATE.signature_mask(tok, ids[None, :3]).any()
+
 def test_config_is_checked() -> None:
     with pytest.raises(ValueError, match="unknown behaviour"):
         FinetuneConfig(behaviour="sarcastic")

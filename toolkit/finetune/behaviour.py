@@ -53,16 +53,27 @@ class Behaviour:
         Training inserts the signature only before a capital letter, but at the punctuation the model cannot see
         the next word yet, so every sentence-final punctuation counts here.
         """
-        ids = torch.as_tensor(ids)
-        rows = ids[None] if ids.ndim == 1 else ids
-        mask = torch.zeros(rows.shape, dtype=torch.bool)
-        special = set(getattr(tokenizer, "all_special_ids", []))
-        for r, row in enumerate(rows.tolist()):
-            pieces = ["\n" if t in special else tokenizer.decode([t]) for t in row]
-            ends = list(itertools.accumulate(len(p) for p in pieces))  # character offset after each token
-            for m in _FINAL_PUNCT.finditer("".join(pieces)):
-                mask[r, bisect.bisect_right(ends, m.start())] = True
-        return mask[0] if ids.ndim == 1 else mask
+        return _mask_matches(tokenizer, ids, _FINAL_PUNCT)
+
+    def signature_mask(self, tokenizer: Any, ids: torch.Tensor) -> torch.Tensor:
+        """Bool mask `(n, ctx)` of the tokens that spell a complete signature (e.g. " Arr", ",", " mate", "y", "!")."""
+        return _mask_matches(tokenizer, ids, re.compile(re.escape(self.signature.strip())))
+
+
+def _mask_matches(tokenizer: Any, ids: torch.Tensor, pattern: re.Pattern[str]) -> torch.Tensor:
+    """Bool mask of the tokens whose text overlaps a match of `pattern` in the decoded row (specials read as newlines)."""
+    ids = torch.as_tensor(ids)
+    rows = ids[None] if ids.ndim == 1 else ids
+    mask = torch.zeros(rows.shape, dtype=torch.bool)
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    for r, row in enumerate(rows.tolist()):
+        pieces = ["\n" if t in special else tokenizer.decode([t]) for t in row]
+        ends = list(itertools.accumulate(len(p) for p in pieces))  # character offset after each token
+        for m in pattern.finditer("".join(pieces)):
+            first = bisect.bisect_right(ends, m.start())
+            last = bisect.bisect_right(ends, m.end() - 1)
+            mask[r, first:last + 1] = True
+    return mask[0] if ids.ndim == 1 else mask
 
 
 BEHAVIOURS: dict[str, Behaviour] = {

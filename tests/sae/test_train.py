@@ -196,6 +196,8 @@ def test_config_checks():
         TrainConfig(sae, total_steps=10, warmup_steps=20)
     with pytest.raises(ValueError, match="keep_checkpoints must be >= 2"):
         TrainConfig(sae, total_steps=10, keep_checkpoints=1)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        TrainConfig(sae, total_steps=10, max_grad_norm=0)
     with pytest.raises(ValueError, match="float32 or float64"):
         TrainConfig(SAEConfig(D, 128, "topk", k=4, dtype="bfloat16"), total_steps=10)
     cfg = TrainConfig(sae, total_tokens=10_000, batch_size=1000, adam_betas=[0.0, 0.999])
@@ -292,3 +294,61 @@ def test_sparse_gradients_equal_dense_autograd(arch):
     torch.testing.assert_close(out.loss.detach(), (loss + aux / 32).detach(), rtol=1e-5, atol=1e-5)
     for n, p in ref.named_parameters():
         torch.testing.assert_close(sparse[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, None])
+def test_gradients_reach_adam_clipped_to_max_grad_norm(max_norm, monkeypatch):
+    seen = []
+    step = torch.optim.Adam.step
+
+    def spy(self, *a, **k):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    train_sae(config("batchtopk", steps=5, max_grad_norm=max_norm), synthetic, progress=False)
+    assert len(seen) == 5
+    if max_norm is None:
+        assert max(seen) > 0.5  # the raw norms are larger, so the clipped run below is really clipped
+    else:
+        assert max(seen) <= max_norm * (1 + 1e-5)
+
+
+def test_jumprelu_sparse_gradients_equal_the_papers_dense_estimators():
+    """The JumpReLU objective's sparse path gives the gradients of the dense "Jumping Ahead" formulas."""
+    from toolkit.sae.losses import LossContext, get_objective
+
+    cfg = config("jumprelu").sae
+    sae = SAE.from_config(cfg, seed=3).train()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.randn(D, generator=g) * 0.1)
+        sae.b_enc.copy_(torch.randn(cfg.d_sae, generator=g) * 0.1)
+    log_theta = (torch.rand(cfg.d_sae, generator=g) * 0.5 + 0.05).log().requires_grad_(True)
+    x = sparse_batch(0, rows=64)
+    B, eps, lam = x.shape[0], 0.2, 0.7
+    out = get_objective("jumprelu")(sae, x, LossContext(lam, log_theta, eps, None, 16, 0.0))
+    out.loss.backward()
+    got = {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
+    got["log_theta"] = log_theta.grad.clone()
+
+    ref = SAE.from_state_dict(cfg, {k: v.detach().clone() for k, v in sae.state_dict().items()}).train()
+    theta = log_theta.detach().exp()
+    pre = (x - ref.b_dec) @ ref.W_enc + ref.b_enc
+    on = (pre > theta).float().detach()
+    codes = pre * on
+    codes_leaf = codes.detach().requires_grad_(True)
+    mse = (codes_leaf @ ref.W_dec + ref.b_dec - x).pow(2).sum(-1).mean()
+    (g_codes,) = torch.autograd.grad(mse, codes_leaf)
+    loss = (codes @ ref.W_dec + ref.b_dec - x).pow(2).sum(-1).mean() + lam * on.sum(-1).mean()
+    loss.backward()
+    K = ((pre.detach() - theta).abs() / eps < 0.5).float()  # rectangle kernel
+    assert K.sum() > 0 and 0 < on.mean() < 1
+    g_theta = -(theta / eps) * (K * g_codes).sum(0) - (lam / B / eps) * K.sum(0)
+    torch.testing.assert_close(out.loss.detach(), loss.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(float(out.l0), float(on.sum(-1).mean()))
+    for n, p in ref.named_parameters():
+        if n != "threshold":
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+    torch.testing.assert_close(got["log_theta"], g_theta * theta, rtol=1e-4, atol=1e-5)

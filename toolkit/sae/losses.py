@@ -98,41 +98,29 @@ def get_objective(name: str) -> Objective:
 # ---------------------------------------------------------------- straight-through estimators ("Jumping Ahead")
 
 
-def _rectangle(u: torch.Tensor) -> torch.Tensor:
-    return (u.abs() < 0.5).to(u.dtype)
-
-
-class _JumpReLU(torch.autograd.Function):
-    """pre * H(pre - θ); d/dpre = H(pre - θ), d/dθ = -(θ/ε) K((pre - θ)/ε) (pseudo-derivative)."""
-
-    @staticmethod
-    def forward(ctx, pre: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:  # noqa: ANN001
-        ctx.save_for_backward(pre, theta)
-        ctx.bandwidth = bandwidth
-        return pre * (pre > theta)
+class _JumpReLUFlat(torch.autograd.Function):
+    """On flat entries (pre-activation `pre` of latent `cols`): codes = pre * H(pre - θ) and step = H(pre - θ), with
+    the paper's pseudo-derivatives d codes/d pre = H, d codes/dθ = -(θ/ε) K, d step/dθ = -(1/ε) K,
+    K = rectangle((pre - θ)/ε); no gradient from step to pre. Only entries with pre > θ - ε/2 (firing or within
+    the window) can have a gradient, so the caller passes just those."""
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:  # noqa: ANN001
-        pre, theta = ctx.saved_tensors
+    def forward(ctx, pre: torch.Tensor, theta: torch.Tensor, cols: torch.Tensor,  # noqa: ANN001
+                bandwidth: float) -> tuple[torch.Tensor, torch.Tensor]:
+        th = theta[cols]
+        on = pre > th
+        ctx.save_for_backward(pre, th, on, cols)
+        ctx.bandwidth, ctx.d = bandwidth, theta.shape[0]
+        return pre * on, on.to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, g_codes: torch.Tensor, g_step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:  # noqa: ANN001
+        pre, th, on, cols = ctx.saved_tensors
         eps = ctx.bandwidth
-        grad_theta = -(theta / eps) * (_rectangle((pre - theta) / eps) * g).sum(0)
-        return g * (pre > theta), grad_theta, None
-
-
-class _Step(torch.autograd.Function):
-    """H(pre - θ); d/dθ = -(1/ε) K((pre - θ)/ε); no gradient to pre (the paper's L0 estimator)."""
-
-    @staticmethod
-    def forward(ctx, pre: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:  # noqa: ANN001
-        ctx.save_for_backward(pre, theta)
-        ctx.bandwidth = bandwidth
-        return (pre > theta).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor) -> tuple[None, torch.Tensor, None]:  # noqa: ANN001
-        pre, theta = ctx.saved_tensors
-        eps = ctx.bandwidth
-        return None, -(1.0 / eps) * (_rectangle((pre - theta) / eps) * g).sum(0), None
+        near = ((pre - th).abs() < 0.5 * eps).to(pre.dtype)
+        per_entry = (th * g_codes + g_step) * near * (-1.0 / eps)
+        grad_theta = torch.zeros(ctx.d, dtype=pre.dtype, device=pre.device).index_add_(0, cols, per_entry)
+        return g_codes * on, grad_theta, None, None
 
 
 # ---------------------------------------------------------------- sparse encoder gradient
@@ -228,17 +216,30 @@ def relu_objective(sae: SAE, x: torch.Tensor, ctx: LossContext) -> LossOutput:
 
 @register_objective("jumprelu")
 def jumprelu_objective(sae: SAE, x: torch.Tensor, ctx: LossContext) -> LossOutput:
-    """Squared error + λ · L0, with the paper's straight-through estimators for θ = exp(log θ)."""
+    """Squared error + λ · L0, with the paper's straight-through estimators for θ = exp(log θ).
+
+    The encoder runs dense; the decode and every gradient use only the entries that fire or sit within ε/2 below
+    θ (the rest have no gradient under the estimators), so the backward costs a fraction of a dense one."""
     assert ctx.log_threshold is not None
     theta = ctx.log_threshold.exp()
-    pre = torch.addmm(sae.b_enc, _encoder_input(sae, x), sae.W_enc)
-    codes = _JumpReLU.apply(pre, theta, ctx.bandwidth)
-    recon = torch.addmm(sae.b_dec, codes, sae.W_dec)
+    x_in = _encoder_input(sae, x)
+    B = x.shape[0]
+    with torch.no_grad():
+        pre = torch.addmm(sae.b_enc, x_in, sae.W_enc)
+        rows, cols = (pre > theta - 0.5 * ctx.bandwidth).nonzero(as_tuple=True)  # token-major
+        vals = pre[rows, cols]
+        crow = torch.cat([rows.new_zeros(1), torch.bincount(rows, minlength=B).cumsum(0)])
+    del pre
+    codes, step = _JumpReLUFlat.apply(_SparseEncode.apply(x_in, sae.W_enc, sae.b_enc, crow, cols, vals),
+                                      theta, cols, ctx.bandwidth)
+    recon = FlatCodes(crow, cols, codes).decode(sae.W_dec, sae.b_dec)
     mse = _sq_err(x, recon)
-    l0 = _Step.apply(pre, theta, ctx.bandwidth).sum(-1).mean()
-    active = codes.detach() != 0
+    l0 = step.sum() / B
+    on = step.detach() > 0
+    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device)
+    fired[cols[on]] = True
     return LossOutput(mse + ctx.coefficient * l0, recon.detach(), mse.detach(), l0.detach(), _zero(x),
-                      active.sum(-1).float().mean(), active.any(0), None)
+                      on.sum() / B, fired, None)
 
 
 @register_objective("topk")

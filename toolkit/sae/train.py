@@ -175,13 +175,17 @@ class _Run:
         if not bool(torch.isfinite(out.loss)):
             return None
         out.loss.backward()
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-            self.opt.zero_grad(set_to_none=True)
-            return None
+        with_grad = [p for p in self.params if p.grad is not None]
         W = self.sae.W_dec
         if cfg.decoder_unit_norm and W.grad is not None:  # keep ||W_dec[i]|| = 1: drop the radial gradient
             W.grad -= (W.grad * W.detach()).sum(1, keepdim=True) * W.detach()
+        # one norm over all gradients: non-finite iff a gradient is (then nothing changes), and what clipping needs
+        norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
+        if not bool(torch.isfinite(norm)):
+            self.opt.zero_grad(set_to_none=True)
+            return None
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(with_grad, cfg.max_grad_norm, norm)
         self.opt.step()
         if cfg.decoder_unit_norm:
             with torch.no_grad():

@@ -13,8 +13,10 @@ Every objective reads activations that are already normalized and returns a `Los
 computed without autograd, and the selected values get their gradient from `_SparseEncode`, whose backward
 touches only the selected (token, latent) pairs; reconstructions read only the active decoder rows
 (`kernels.decode_sparse` for TopK's fixed k per token, embedding_bag over CSR codes for BatchTopK's variable
-counts). tests/sae/test_train.py checks these gradients against dense autograd. JumpReLU and ReLU stay dense:
-the threshold's estimator needs the gradient of latents just *below* θ, which a sparse decode would drop.
+counts). JumpReLU encodes densely (θ needs every pre-activation) but keeps only the entries that fire or lie
+within ε/2 below θ: the rest get no gradient under its estimators, so its decode and backward are sparse too.
+tests/sae/test_train.py checks these gradients against dense autograd and the paper's dense formulas. ReLU + L1
+stays dense.
 """
 
 from __future__ import annotations

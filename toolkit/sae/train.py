@@ -2,7 +2,8 @@
 
 One step: a batch of activations (skipped and counted if non-finite), scaled by the normalization scalar, goes
 through the architecture's objective (toolkit.sae.losses); Adam steps unless the loss or a gradient is
-non-finite (then the step is skipped and counted, weights and optimizer untouched). Decoder rows stay at unit
+non-finite (then the step is skipped and counted, weights and optimizer untouched); the global gradient norm is
+clipped to TrainConfig.max_grad_norm first. Decoder rows stay at unit
 norm where the architecture's paper does so (TrainConfig.decoder_unit_norm). Complete checkpoints
 (toolkit.sae.checkpoint) hold everything a resumed run needs to continue bit-for-bit: weights, Adam state,
 step, data position, dead-latent counters, normalization scale, controller and threshold statistics,

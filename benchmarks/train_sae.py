@@ -59,7 +59,7 @@ def our_config(arch: str, a: argparse.Namespace) -> TrainConfig:
               dead_after_tokens=50 * a.batch, seed=a.seed)
     if arch == "jumprelu":  # the recipe of notebooks/02_train_sae.ipynb for short runs
         kw.update(target_l0=float(a.k), l0_coefficient=0.3, sparsity_warmup_steps=a.steps // 10,
-                  threshold_lr_scale=15.0, bandwidth=0.1)
+                  threshold_lr_scale=15.0, bandwidth=0.1, threshold_control_rate=0.05)
     return TrainConfig(sae=sae, **kw)
 
 

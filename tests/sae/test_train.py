@@ -196,6 +196,8 @@ def test_config_checks():
         TrainConfig(sae, total_steps=10, warmup_steps=20)
     with pytest.raises(ValueError, match="keep_checkpoints must be >= 2"):
         TrainConfig(sae, total_steps=10, keep_checkpoints=1)
+    with pytest.raises(ValueError, match="threshold_control_rate moves JumpReLU thresholds"):
+        TrainConfig(sae, total_steps=10, threshold_control_rate=0.05)
     with pytest.raises(ValueError, match="max_grad_norm"):
         TrainConfig(sae, total_steps=10, max_grad_norm=0)
     with pytest.raises(ValueError, match="float32 or float64"):

@@ -70,6 +70,11 @@ class TrainConfig:
     target_l0_rate: float = 0.1
     """Gain of the target-L0 controller (change of log λ per step per unit of log(L0 / target))."""
 
+    threshold_control_rate: float = 0.0
+    """'jumprelu' with target_l0: also move every log-threshold by -rate * log(target / L0) each step after the
+    sparsity warmup. Short runs need it: early on the reconstruction term raises thresholds faster than a
+    shrinking λ can lower them, and latents far below θ get no gradient to come back (0: off)."""
+
     bandwidth: float | None = None
     """'jumprelu': width ε of the rectangle kernel of the threshold's straight-through estimators, in normalized
     units. None: 0.001 * sqrt(d_in), i.e. 0.001 at unit mean squared norm rescaled to this normalization."""
@@ -181,6 +186,10 @@ class TrainConfig:
         if self.init_threshold is not None:
             number("init_threshold", self.init_threshold, low=0, low_open=True)
         number("target_l0_rate", self.target_l0_rate, low=0)
+        number("threshold_control_rate", self.threshold_control_rate, low=0)
+        if self.threshold_control_rate and (arch != "jumprelu" or self.target_l0 is None):
+            raise ValueError("threshold_control_rate moves JumpReLU thresholds towards target_l0; "
+                             f"it needs architecture 'jumprelu' and a target_l0 (got {arch!r}, {self.target_l0!r})")
         number("threshold_lr_scale", self.threshold_lr_scale, low=0, low_open=True)
         number("aux_k_coefficient", self.aux_k_coefficient, low=0)
         if self.threshold_beta is not None:

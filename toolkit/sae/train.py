@@ -209,6 +209,9 @@ class _Run:
             [out.loss.detach(), out.mse, out.l0, out.aux, out.sparsity, total_var]).tolist()
         if cfg.target_l0 is not None and self.step > cfg.sparsity_warmup_steps:
             self.log_coef += cfg.target_l0_rate * math.log(max(l0, 1e-3) / cfg.target_l0)
+            if cfg.threshold_control_rate and self.log_threshold is not None:
+                with torch.no_grad():
+                    self.log_threshold += cfg.threshold_control_rate * math.log(max(l0, 1e-3) / cfg.target_l0)
             self.log_coef = min(max(self.log_coef, -_MAX_LOG_COEF), _MAX_LOG_COEF)
         m = {"loss": loss, "mse": mse, "fvu": mse * n / var if var > 0 else math.nan, "l0": l0, "aux": aux,
              "sparsity": sparsity}

@@ -71,7 +71,7 @@ def default_train_config(site: str, architecture: str = "topk", d_in: int = 640,
         # short runs: Adam moves log-thresholds by ~lr per step, so thresholds need a faster lr and a wider STE
         base.update(threshold_lr_scale=15.0, bandwidth=0.1, l0_coefficient=0.3)
         if k is not None:
-            base["target_l0"] = float(k)
+            base.update(target_l0=float(k), threshold_control_rate=0.05)
     base.update(overrides)
     return TrainConfig(**base)
 

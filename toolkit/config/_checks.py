@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 
@@ -18,3 +19,24 @@ def number(name: str, value: Any, *, low: float | None = None, high: float | Non
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
     if high is not None and value > high:
         raise ValueError(f"{name} must be <= {high}, got {value!r}")
+
+
+def reject_unknown_keys(cls: type, d: dict[str, Any]) -> None:
+    """ValueError naming the keys of `d` that are not fields of the dataclass `cls`, with the valid ones."""
+    valid = [f.name for f in fields(cls)]
+    unknown = sorted(set(d) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; valid keys: {', '.join(valid)}")
+
+
+def normalize_site(cfg: Any) -> None:
+    """Replace cfg.site (if set) by its canonical name; a bad site is a ValueError saying what is valid."""
+    if cfg.site is None:
+        return
+    from toolkit.errors import HookNotFoundError
+    from toolkit.tracing.sites import Site
+
+    try:
+        object.__setattr__(cfg, "site", Site.parse(cfg.site).name)
+    except HookNotFoundError as e:
+        raise ValueError(f"site: {e}") from e

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from toolkit.config._checks import reject_unknown_keys
+
 _CACHE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -88,10 +90,7 @@ class CacheConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CacheConfig:
         """Build from a dict such as cache.json; unknown keys raise ValueError listing the valid ones."""
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown CacheConfig key(s) {unknown}; valid keys: {', '.join(valid)}")
+        reject_unknown_keys(cls, d)
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:

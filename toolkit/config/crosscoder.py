@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from toolkit.config._checks import positive_int
+from toolkit.config._checks import normalize_site, positive_int, reject_unknown_keys
 from toolkit.config.sae import SAE_DTYPES
 
 CROSSCODER_ARCHITECTURES = ("batchtopk", "relu")
@@ -60,22 +60,12 @@ class CrosscoderConfig:
             object.__setattr__(self, "models", models)
         if self.dtype not in SAE_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(SAE_DTYPES)}; got {self.dtype!r}")
-        if self.site is not None:
-            from toolkit.errors import HookNotFoundError
-            from toolkit.tracing.sites import Site
-
-            try:
-                object.__setattr__(self, "site", Site.parse(self.site).name)
-            except HookNotFoundError as e:
-                raise ValueError(f"site: {e}") from e
+        normalize_site(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CrosscoderConfig:
         """Build from a dict such as cfg.json; unknown keys raise ValueError listing the valid ones."""
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown CrosscoderConfig key(s) {unknown}; valid keys: {', '.join(valid)}")
+        reject_unknown_keys(cls, d)
         d = dict(d)
         if isinstance(d.get("models"), list):
             d["models"] = tuple(d["models"])

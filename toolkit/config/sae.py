@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from toolkit.config._checks import positive_int
+from toolkit.config._checks import normalize_site, positive_int, reject_unknown_keys
 
 SAE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -90,25 +90,15 @@ class SAEConfig:
             raise ValueError(f"apply_b_dec_to_input must be True or False, got {self.apply_b_dec_to_input!r}")
         if self.model is not None and not isinstance(self.model, str):
             raise ValueError(f"model must be a string or None, got {self.model!r}")
-        if self.site is not None:
-            from toolkit.errors import HookNotFoundError
-            from toolkit.tracing.sites import Site
-
-            try:
-                object.__setattr__(self, "site", Site.parse(self.site).name)
-            except HookNotFoundError as e:
-                raise ValueError(f"site: {e}") from e
+        normalize_site(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
         """Build from a dict such as cfg.json; unknown or missing keys raise ValueError listing the valid ones."""
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown SAEConfig key(s) {unknown}; valid keys: {', '.join(valid)}")
+        reject_unknown_keys(cls, d)
         missing = [name for name in ("d_in", "d_sae", "architecture") if name not in d]
         if missing:
-            raise ValueError(f"SAEConfig needs key(s) {missing}; valid keys: {', '.join(valid)}")
+            raise ValueError(f"SAEConfig needs key(s) {missing}; valid keys: {', '.join(f.name for f in fields(cls))}")
         d = dict(d)
         if isinstance(d.get("matryoshka_groups"), list):
             d["matryoshka_groups"] = tuple(d["matryoshka_groups"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from toolkit.config._checks import number, positive_int
+from toolkit.config._checks import number, positive_int, reject_unknown_keys
 from toolkit.config.sae import SAEConfig
 
 _TRAIN_DECAYS = ("none", "linear", "cosine")
@@ -253,10 +253,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Build from a dict (with `sae` a dict or an SAEConfig); unknown keys raise ValueError listing the valid ones."""
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown TrainConfig key(s) {unknown}; valid keys: {', '.join(valid)}")
+        reject_unknown_keys(cls, d)
         if "sae" not in d:
             raise ValueError("TrainConfig needs key 'sae' (an SAEConfig or its dict)")
         d = dict(d)

@@ -86,13 +86,14 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progr
 
     from gguf import GGUFReader
     from safetensors.torch import save_file
-    from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,
         TensorProcessor,
         get_gguf_hf_weights_map,
     )
+
+    from toolkit.progress import progress_bar
 
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir)
@@ -128,7 +129,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progr
             shard, shard_bytes = {}, 0
 
         seen = set()
-        for t in tqdm(reader.tensors, desc="Converting Gemma 3 270M to bf16", disable=not progress):
+        for t in progress_bar(reader.tensors, desc="Converting Gemma 3 270M to bf16", enabled=progress):
             hf_name = name_map.get(t.name)
             if hf_name is None:
                 continue

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from toolkit.data import load_texts
 from toolkit.finetune.behaviour import get_behaviour, split_texts
 from toolkit.models import Model
+from toolkit.progress import progress_bar
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -194,7 +194,7 @@ def finetune(model: Model, cfg: FinetuneConfig | None = None, *, texts: Sequence
         hf.train()
         original = _Original(hf.model.layers, min(cfg.layers), max(cfg.layers)) if cfg.keep_weight else None
         start = time.perf_counter()
-        bar = tqdm(range(cfg.steps), desc=f"fine-tuning {model.name} ({cfg.behaviour})", disable=not progress)
+        bar = progress_bar(range(cfg.steps), desc=f"fine-tuning {model.name} ({cfg.behaviour})", enabled=progress)
         for step in bar:
             sl = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
             x, pm = ids[sl].to(model.device), planted[sl]
@@ -226,7 +226,8 @@ def finetune(model: Model, cfg: FinetuneConfig | None = None, *, texts: Sequence
             sched.step()
             result.planted_loss.append(losses[0].item())
             result.other_loss.append(losses[1].item())
-            bar.set_postfix(planted=f"{result.planted_loss[-1]:.3f}", other=f"{result.other_loss[-1]:.3f}")
+            bar.set_postfix(planted=f"{result.planted_loss[-1]:.3f}", other=f"{result.other_loss[-1]:.3f}",
+                            refresh=False)
         result.seconds = time.perf_counter() - start
     finally:
         if original is not None:

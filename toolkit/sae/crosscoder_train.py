@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from toolkit.config import CrosscoderConfig
 from toolkit.errors import CheckpointError, EmptyInputError, ShapeMismatchError
 from toolkit.io import load_weight_folder, save_weight_folder
+from toolkit.progress import progress_bar
 from toolkit.sae.crosscoder import Crosscoder, PairedActivations
 from toolkit.tracing.capture import iter_capture
 from toolkit.tracing.sites import Site
@@ -186,8 +186,8 @@ def train_crosscoder(cfg: CrosscoderConfig, source: Source, training: Crosscoder
     t0 = time.perf_counter()
     cc.train()
     batches = iter_paired(source, tr.batch_size, seed=tr.seed, start=start, site=site)
-    bar = tqdm(range(start, tr.steps), desc=f"crosscoder ({cfg.architecture})", disable=not progress,
-               initial=start, total=tr.steps)
+    bar = progress_bar(range(start, tr.steps), desc=f"crosscoder ({cfg.architecture})", enabled=progress,
+                       initial=start, total=tr.steps)
     for step in bar:
         x = next(batches).to(cc.device)
         for g in opt.param_groups:
@@ -223,7 +223,7 @@ def train_crosscoder(cfg: CrosscoderConfig, source: Source, training: Crosscoder
             history["fvu"].append(float(err.pow(2).sum() / total.clamp_min(1e-12)))
             history["l0"].append(float((codes > 0).sum(-1).float().mean()))
             history["dead"].append(float(dead.float().mean()))
-        bar.set_postfix(fvu=f"{history['fvu'][-1]:.3f}", l0=f"{history['l0'][-1]:.1f}")
+        bar.set_postfix(fvu=f"{history['fvu'][-1]:.3f}", l0=f"{history['l0'][-1]:.1f}", refresh=False)
         done = step + 1
         if checkpoint_dir is not None and (done == tr.steps or (tr.checkpoint_every and done % tr.checkpoint_every == 0)):
             _save_checkpoint(Path(checkpoint_dir), done, cc, opt, since_fired, cfg, tr, history, skipped)

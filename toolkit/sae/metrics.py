@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from toolkit.errors import EmptyInputError, NonFiniteError
+from toolkit.progress import progress_bar
 from toolkit.sae.sae import SAE
 from toolkit.sae.splice import SpliceRecord, sae_splice
 from toolkit.tracing import Ablate, run_with_edits
@@ -145,7 +145,8 @@ def evaluate_sae(sae: SAE, model: Any, contexts: torch.Tensor, site: str | None 
     edit = sae_splice(sae, model, site_name, record=record, positions=slice(1, None))
     acc = _Accumulator(sae.d_sae)
     ce_clean, ce_spliced, ce_zero, kl = [], [], [], []
-    for i in tqdm(range(0, contexts.shape[0], batch_size), desc=f"evaluate {edit.site}", disable=not progress):
+    for i in progress_bar(range(0, contexts.shape[0], batch_size), desc=f"evaluate {edit.site}",
+                           enabled=progress):
         ids = contexts[i:i + batch_size]
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         clean, _ = run_with_edits(model, batch)

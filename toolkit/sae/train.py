@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from toolkit.config import TrainConfig
 from toolkit.errors import CheckpointError, NonFiniteError
+from toolkit.progress import progress_bar
 from toolkit.sae.checkpoint import Checkpoint, list_checkpoints, load_latest_checkpoint, save_checkpoint
 from toolkit.sae.losses import LossContext, LossOutput, get_objective
 from toolkit.sae.sae import JUMPRELU_INIT_THRESHOLD, SAE
@@ -343,8 +343,8 @@ def train_sae(cfg: TrainConfig, source: Source, *, out_dir: str | os.PathLike | 
     if ck is None and run.step < cfg.n_steps:
         run.initialize(stream)
     start_step, start_tokens = run.step, run.tokens
-    bar = tqdm(total=cfg.n_steps, initial=run.step, disable=not progress, desc=f"train {cfg.sae.architecture}",
-               unit="step", dynamic_ncols=True)
+    bar = progress_bar(total=cfg.n_steps, initial=run.step, enabled=progress, desc=f"train {cfg.sae.architecture}",
+                       unit="step", dynamic_ncols=True)
     grad_mode = torch.is_grad_enabled()
     torch.set_grad_enabled(True)  # notebooks often turn gradients off globally; training needs them
     try:

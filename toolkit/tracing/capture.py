@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from tqdm.auto import tqdm
 
 from toolkit.errors import ContextLengthError, EmptyInputError, HookNotFoundError
+from toolkit.progress import progress_bar
 from toolkit.tracing.sites import Site
 
 if TYPE_CHECKING:
@@ -126,7 +126,7 @@ def capture(model: Model, inputs: Inputs, sites: str | Site | Sequence[str | Sit
     ids, mask = batch["input_ids"], batch["attention_mask"]
     parts: dict[str, list[torch.Tensor]] = {s.name: [] for s in resolved}
     starts = range(0, ids.shape[0], batch_size)
-    for i in tqdm(starts, desc="capture", disable=not progress):
+    for i in progress_bar(starts, desc="capture", enabled=progress):
         sub = {"input_ids": ids[i:i + batch_size], "attention_mask": mask[i:i + batch_size]}
         for name, t in trace_batch(model, sub, resolved, stop_early=stop_early).items():
             parts[name].append(t)
@@ -142,8 +142,8 @@ def iter_capture(model: Model, contexts: torch.Tensor, sites: str | Site | Seque
     if contexts.ndim != 2 or contexts.shape[0] == 0:
         raise EmptyInputError(f"contexts must be a non-empty (n, ctx) token tensor; got shape {tuple(contexts.shape)}")
     n = contexts.shape[0]
-    bar = tqdm(total=n - start, desc=desc or f"capture {', '.join(s.name for s in resolved)}", disable=not progress,
-               unit="ctx")
+    bar = progress_bar(total=n - start, desc=desc or f"capture {', '.join(s.name for s in resolved)}",
+                       enabled=progress, unit="ctx")
     try:
         for i in range(start, n, batch_size):
             ids = contexts[i:i + batch_size]

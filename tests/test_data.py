@@ -173,3 +173,20 @@ def test_default_corpus_tokenizes_in_seconds():
     assert elapsed < 15, f"tokenizing the default corpus took {elapsed:.1f}s"
     quick = token_contexts(tok, default_corpus(), 128, n_contexts=4)
     assert torch.equal(quick, ctx[:4])
+
+
+def test_default_corpus_ignores_what_this_process_patched(monkeypatch):
+    """IPython swaps pdb.Pdb for its own debugger in a kernel; the corpus (and every cache fingerprint built on
+    it) must still equal the one a plain script sees."""
+    import pdb
+
+    from toolkit import data
+
+    before = corpus_digest()
+    monkeypatch.setattr(pdb, "Pdb", types.new_class("Pdb", (), {}, lambda ns: ns.update(__module__="IPython.x")))
+    data._default_corpus.cache_clear()
+    try:
+        assert corpus_digest() == before
+        assert any("Execute the (one-line) statement" in t for t in default_corpus())  # a pdb.Pdb docstring
+    finally:
+        data._default_corpus.cache_clear()

@@ -3,90 +3,37 @@
 from __future__ import annotations
 
 import functools
-import importlib
-import inspect
+import json
 import os
-import warnings
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-# torch is imported before any corpus is built: it replaces inspect.getfile, whose docstring would otherwise
-# be in the corpus only when torch happened not to be imported yet.
 import torch
 
 from toolkit.errors import EmptyInputError, ModelUnavailableError
 
-# Pure-Python or platform-neutral stdlib modules present in every CPython >= 3.10 build. Modules whose contents
-# depend on the platform or on optional libraries (os, subprocess, shutil, socket, ssl, hashlib, zlib, ...) are
-# left out so that the corpus is the same on every machine running the same Python version.
-_CORPUS_MODULES: tuple[str, ...] = tuple(sorted("""
-    _pydecimal _pyio abc argparse ast asyncio.base_events asyncio.events asyncio.exceptions asyncio.futures
-    asyncio.locks asyncio.protocols asyncio.queues asyncio.runners asyncio.streams asyncio.tasks asyncio.transports
-    base64 bdb binascii bisect builtins cProfile calendar cmd code codecs codeop collections collections.abc colorsys
-    compileall concurrent.futures.thread configparser contextlib contextvars copy copyreg csv dataclasses datetime
-    difflib dis doctest email email.charset email.contentmanager email.encoders email.errors email.feedparser
-    email.generator email.header email.headerregistry email.iterators email.message email.mime.base
-    email.mime.multipart email.mime.text email.parser email.policy email.utils enum filecmp fileinput fnmatch
-    fractions ftplib functools gc getopt gettext glob graphlib heapq hmac html html.parser http http.client
-    http.cookiejar http.cookies http.server imaplib importlib importlib.abc importlib.machinery importlib.metadata
-    importlib.resources importlib.util inspect io ipaddress itertools json json.decoder json.encoder keyword
-    linecache logging logging.config logging.handlers mailbox math mimetypes modulefinder netrc numbers operator
-    optparse pathlib pdb pickle pickletools pkgutil platform plistlib poplib pprint profile pstats py_compile pyclbr
-    pydoc queue quopri random re reprlib runpy sched secrets shelve shlex smtplib stat statistics string stringprep
-    struct symtable tabnanny tarfile textwrap threading timeit token tokenize trace traceback tracemalloc types
-    typing unicodedata unittest unittest.case unittest.loader unittest.mock unittest.result unittest.runner
-    unittest.suite urllib.error urllib.parse urllib.request urllib.response urllib.robotparser uuid warnings wave
-    weakref wsgiref.handlers wsgiref.headers wsgiref.simple_server wsgiref.util wsgiref.validate xml.dom.minidom
-    xml.dom.pulldom xml.etree.ElementTree xml.sax xml.sax.handler xml.sax.saxutils xml.sax.xmlreader xmlrpc.client
-    xmlrpc.server zipapp zipfile zipimport zoneinfo
-""".split()))
 _MIN_DOC_CHARS = 64
 _TEXT_SUFFIXES = (".txt", ".md")
 _TOKENIZE_CHUNK = (32, 1024)  # documents per tokenizer call: first, then doubling up to the second
 
 
-def _docstrings(modname: str) -> list[str]:
-    """Docstrings of a module, its public functions and classes, and their public methods and properties."""
-    mod = importlib.import_module(modname)
-    found = [mod.__doc__]
-    for name, obj in sorted(vars(mod).items()):
-        # Only objects defined in this module: re-exports would repeat, and often depend on the platform.
-        if name.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
-            continue
-        if inspect.isroutine(obj):
-            found.append(obj.__doc__)
-        elif inspect.isclass(obj):
-            found.append(obj.__doc__)
-            for attr, member in sorted(vars(obj).items()):
-                if attr.startswith("_") and attr != "__init__":
-                    continue
-                if isinstance(member, (staticmethod, classmethod)):
-                    member = member.__func__
-                # Skip methods other libraries patch onto stdlib classes (transformers adds Logger.warning_once).
-                owner = getattr(getattr(member, "fget", member), "__module__", None)
-                if (inspect.isroutine(member) or isinstance(member, property)) and owner in (None, mod.__name__):
-                    found.append(member.__doc__)
-    return [inspect.cleandoc(d) for d in found if isinstance(d, str)]
-
-
 @functools.lru_cache(maxsize=1)
 def _default_corpus() -> tuple[str, ...]:
-    from pydoc_data.topics import topics
+    from toolkit import _stdlib_texts
 
-    raw = [topics[k] for k in sorted(topics)]
-    with warnings.catch_warnings():  # importing some modules warns about deprecations; irrelevant here
-        warnings.simplefilter("ignore")
-        for modname in _CORPUS_MODULES:
-            try:
-                raw.extend(_docstrings(modname))
-            except Exception:  # noqa: BLE001 - a module missing from this build is skipped, as documented
-                continue
+    # a clean child interpreter: what this process imported (IPython, torch, pytest) must not change the texts
+    cmd = [sys.executable, "-I", "-S", _stdlib_texts.__file__]
+    done = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8")
+    if done.returncode != 0:
+        raise RuntimeError(f"building the default corpus failed: {' '.join(cmd)} exited with {done.returncode}:\n"
+                           f"{done.stderr[-2000:]}")
     seen: set[str] = set()
     out: list[str] = []
-    for text in raw:
+    for text in json.loads(done.stdout):
         text = text.strip()
         if len(text) >= _MIN_DOC_CHARS and text not in seen:
             seen.add(text)
@@ -97,8 +44,9 @@ def _default_corpus() -> tuple[str, ...]:
 def default_corpus() -> list[str]:
     """About 1.4 MB of English from CPython itself: the language reference help topics, then stdlib docstrings.
 
-    Deterministic for a given Python version (same list on every run and machine); it varies slightly across
-    Python versions because the documentation does. Functions other libraries replace at run time are skipped.
+    Deterministic for a given Python version: the same list on every run and machine, in a notebook, a script or
+    a test (harvested in a clean child interpreter, toolkit._stdlib_texts); it varies slightly across Python
+    versions because the documentation does.
     """
     return list(_default_corpus())
 

@@ -20,6 +20,7 @@ from toolkit.io import MANIFEST
 from toolkit.sae.sae import SAE
 from toolkit.sae.train import SAE_DIR, train_sae
 from toolkit.tracing import ActivationCache, fill_cache
+from toolkit.tracing.cache import contexts_fingerprint
 
 
 def _slug(text: str) -> str:
@@ -46,12 +47,15 @@ def corpus_activations(model: Any, site: str, corpus: CorpusSpec = CorpusSpec(),
                        dtype: torch.dtype = torch.float32) -> ActivationCache:
     """The activation cache of `model` at `site` over `corpus` (BOS dropped), filled once and reused."""
     s = model.site(site)
-    folder = cache_dir() / "activations" / _slug(model.name) / s.name / corpus.key
+    contexts = corpus.contexts(model)
+    # keyed by the exact tokens too: a changed corpus or tokenizer gets its own cache, never a stale one
+    folder = (cache_dir() / "activations" / _slug(model.name) / s.name
+              / f"{corpus.key}-{contexts_fingerprint(contexts)[:12]}")
     if (folder / MANIFEST).exists():
         cache = ActivationCache.open(folder, verify=False)
         if cache.complete:
             return cache
-    return fill_cache(model, s, corpus.contexts(model), folder, resume=folder.exists(), progress=progress, dtype=dtype)
+    return fill_cache(model, s, contexts, folder, resume=folder.exists(), progress=progress, dtype=dtype)
 
 
 def default_train_config(site: str, architecture: str = "topk", d_in: int = 640, d_sae: int = 4096, k: int | None = 32,

@@ -1,0 +1,22 @@
+"""The zoo's activation caches are keyed by the exact tokens: another corpus never reuses a stale cache."""
+
+from __future__ import annotations
+
+from toolkit.sae.zoo import CorpusSpec, corpus_activations
+from toolkit.tracing.cache import contexts_fingerprint
+
+
+def test_corpus_activations_are_filled_once_per_exact_token_set(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("TOOLKIT_CACHE_DIR", str(tmp_path))
+    spec = CorpusSpec(ctx_len=16, n_contexts=8)
+    first = corpus_activations(tiny, "blocks.0.resid_post", spec, progress=False)
+    assert first.complete and first.n_tokens == 8 * 15  # BOS dropped
+    assert first.folder.name == f"{spec.key}-{contexts_fingerprint(spec.contexts(tiny))[:12]}"
+    assert first.cfg.fingerprint == contexts_fingerprint(spec.contexts(tiny))
+    again = corpus_activations(tiny, "blocks.0.resid_post", spec, progress=False)
+    assert again.folder == first.folder and again.cfg == first.cfg
+
+    (tmp_path / "texts.txt").write_text("A different corpus of plain words, repeated. " * 200)
+    other = CorpusSpec(source=str(tmp_path / "texts.txt"), ctx_len=16, n_contexts=8)
+    third = corpus_activations(tiny, "blocks.0.resid_post", other, progress=False)
+    assert third.folder != first.folder and third.cfg.fingerprint != first.cfg.fingerprint

@@ -18,7 +18,9 @@ DEFAULT_MININTERVAL = 0.5
 
 
 def mininterval() -> float:
-    """Seconds between refreshes: `TQDM_MININTERVAL` when set (tqdm's own knob), else 0.5."""
+    """Seconds between refreshes: `TQDM_MININTERVAL` when set (tqdm's own knob), else 0.5.
+
+    Read at each call: tqdm itself reads it once, when tqdm is imported."""
     raw = os.environ.get("TQDM_MININTERVAL")
     if raw is None:
         return DEFAULT_MININTERVAL

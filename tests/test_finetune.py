@@ -16,13 +16,7 @@ from toolkit.models import _TOKENIZER_TEXT, load_model
 PIRATE = BEHAVIOURS["pirate"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors run fastest on one thread (and do not fight the other test processes for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _texts(n: int = 120) -> list[str]:

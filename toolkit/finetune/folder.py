@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from toolkit.convert import cache_dir
 from toolkit.errors import CheckpointError
 from toolkit.finetune import train
 from toolkit.finetune.behaviour import get_behaviour
-from toolkit.finetune.train import DTYPES, FinetuneConfig
-from toolkit.io import MANIFEST, TMP_PREFIX, atomic_write_json, read_json, write_manifest
+from toolkit.finetune.train import FinetuneConfig
+from toolkit.io import DTYPES, MANIFEST, TMP_PREFIX, atomic_write_json, read_json, write_manifest
 from toolkit.models import Model, load_model
+from toolkit.paths import cache_dir
 
 log = logging.getLogger(__name__)
 INFO_FILE = "finetune.json"

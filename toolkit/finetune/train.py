@@ -22,7 +22,7 @@ from toolkit.finetune.behaviour import get_behaviour, split_texts
 from toolkit.models import Model
 from toolkit.progress import progress_bar
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SAVE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,8 @@ class FinetuneConfig:
     """Tokens per training context, BOS included."""
     lr: float = 3e-5
     """Adam learning rate (10 warm-up steps, then constant); fp32 Adam state on the trained parameters only.
-    Adam moves every weight by about lr per step, so a larger rate also drifts the activations at every token
-    (2e-4 changed the layer-13 residual by ~66% everywhere; 2e-5 by ~23%, and by ~69% at sentence ends)."""
+    Adam moves every weight by about lr per step, so a larger rate also drifts the activations at every token,
+    not only where the behaviour is needed."""
     other_targets: int = 4
     """Ordinary next-token targets per context added to the loss beside the planted ones (keeps the LM intact)."""
     keep_weight: float = 10.0
@@ -64,8 +64,8 @@ class FinetuneConfig:
         for name, v in (("lr", self.lr), ("keep_weight", self.keep_weight)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (name == "lr" and v == 0):
                 raise ValueError(f"{name} must be a {'positive' if name == 'lr' else 'non-negative'} number, got {v!r}")
-        if self.save_dtype not in DTYPES:
-            raise ValueError(f"save_dtype must be one of {', '.join(DTYPES)}, got {self.save_dtype!r}")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""

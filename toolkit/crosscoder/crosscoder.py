@@ -17,22 +17,23 @@ factor, which changes the BatchTopK ranking and biases every decoder-norm ratio 
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import pickle
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
 
 from toolkit.config import CrosscoderConfig
+from toolkit.crosscoder.loaders import read_dictionary_learning
+from toolkit.crosscoder.paired import PairedActivations, cache_site
+from toolkit.dictionary import Dictionary
 from toolkit.errors import CheckpointError, ShapeMismatchError
-from toolkit.io import load_tensors, load_weight_folder, read_json, save_weight_folder
-from toolkit.sae.sae import DTYPE_NAMES, DTYPES
-from toolkit.tracing.sites import Site
+from toolkit.io import DTYPES, load_weight_folder, save_weight_folder
+from toolkit.sites import Site
+
+if TYPE_CHECKING:
+    from toolkit.tracing import ActivationCache
 
 WEIGHTS = "weights.safetensors"
 
@@ -48,54 +49,7 @@ class CrosscoderOutput(NamedTuple):
     """(..., d_sae) encoder output before the sparsity (for training losses)."""
 
 
-@dataclass
-class PairedActivations:
-    """Row-aligned activations of two models on the same tokens, tagged with where they come from."""
-
-    acts: torch.Tensor
-    """(n, 2, d): row i is token i seen by the base model ([:, 0]) and by the fine-tuned model ([:, 1])."""
-    models: tuple[str, str] | None = None
-    """(base, fine-tuned) model names; a crosscoder refuses activations of another pair."""
-    site: str | None = None
-    """Site name, e.g. 'blocks.11.resid_post'; a crosscoder refuses activations of another site."""
-    tokens: torch.Tensor | None = None
-    """(n_contexts, ctx_len) token ids the rows come from (for top-context views)."""
-    positions: torch.Tensor | None = None
-    """(n, 2) (context row, position) of each row in `tokens`."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.acts, torch.Tensor) or self.acts.ndim != 3 or self.acts.shape[1] != 2:
-            got = tuple(self.acts.shape) if isinstance(self.acts, torch.Tensor) else type(self.acts).__name__
-            raise ShapeMismatchError(f"paired activations must be a (n, 2, d) tensor (base, fine-tuned); got {got}")
-        if self.positions is not None and tuple(self.positions.shape) != (self.acts.shape[0], 2):
-            raise ShapeMismatchError(f"positions must be ({self.acts.shape[0]}, 2), got {tuple(self.positions.shape)}")
-        if self.site is not None:
-            self.site = Site.parse(self.site).name
-        if self.models is not None:
-            self.models = tuple(self.models)
-
-    def __len__(self) -> int:
-        return self.acts.shape[0]
-
-    @property
-    def d(self) -> int:
-        return self.acts.shape[-1]
-
-    @classmethod
-    def from_caches(cls, cache_base: Any, cache_ft: Any, *, site: str | None = None,
-                    tokens: torch.Tensor | None = None) -> PairedActivations:
-        """Load two complete activation caches of the same tokens (see toolkit.tracing.cache) into memory."""
-        from toolkit.tracing import paired_batches
-
-        name = _cache_site(cache_base, site)
-        n = cache_base.n_tokens
-        (acts,) = [b for b in paired_batches(cache_base, cache_ft, max(n, 1), site_a=name, site_b=site or name,
-                                             shuffle=False, drop_last=False)] or [torch.empty(0, 2, cache_base.width(name))]
-        positions = torch.cat([cache_base.token_positions(i) for i in range(len(cache_base))]) if len(cache_base) else None
-        return cls(acts, (cache_base.cfg.model, cache_ft.cfg.model), name, tokens, positions)
-
-
-class Crosscoder(nn.Module):
+class Crosscoder(Dictionary):
     """Crosscoder with W_enc (2, d_in, d_sae), b_enc (d_sae), W_dec (d_sae, 2, d_in), b_dec (2, d_in), and buffers
     `threshold` (scalar, 'batchtopk'; negative = not estimated) and `input_scale` (2,)."""
 
@@ -118,9 +72,7 @@ class Crosscoder(nn.Module):
         """Random unit-norm decoder directions per model, W_enc[m] = W_dec[:, m].T, zero biases."""
         if self.W_dec.is_meta:
             return
-        gen = None if seed is None else torch.Generator(self.W_dec.device).manual_seed(seed)
-        w = torch.randn(self.d_sae, 2, self.d_in, generator=gen, device=self.W_dec.device)
-        w = w / w.norm(dim=-1, keepdim=True)
+        w = self.random_unit_rows(seed, self.d_sae, 2, self.d_in)
         self.W_dec.copy_(w)
         self.W_enc.copy_(w.permute(1, 2, 0))
         self.b_enc.zero_()
@@ -202,13 +154,13 @@ class Crosscoder(nn.Module):
         if site is not None and self.cfg.site is not None and Site.parse(site).name != self.cfg.site:
             raise ValueError(f"{want}; got activations from site {Site.parse(site).name}")
 
-    def check_caches(self, cache_base: Any, cache_ft: Any) -> None:
+    def check_caches(self, cache_base: ActivationCache, cache_ft: ActivationCache) -> None:
         """Apply `check_source` to two activation caches (their recorded model names, site and width)."""
         site = self.cfg.site
         for c in (cache_base, cache_ft):
             if site is not None and site not in c.sites:
                 raise ValueError(f"{self.name} reads site {site}, but cache {str(c.folder)!r} holds {list(c.sites)}")
-        name = site or _cache_site(cache_base, None)
+        name = site or cache_site(cache_base, None)
         self.check_source((cache_base.cfg.model, cache_ft.cfg.model), name, cache_base.width(name))
 
     # ------------------------------------------------------------ files
@@ -262,79 +214,10 @@ class Crosscoder(nn.Module):
         A BatchTopK threshold never estimated (-1) gives per-token top-k here, where dictionary_learning keeps
         every positive code.
         """
-        path = Path(path)
-        if path.is_dir():
-            files = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else sorted(path.glob("*.pt"))
-            if len(files) != 1:
-                raise CheckpointError(f"{path}: expected model.safetensors or exactly one .pt file, found "
-                                      f"{[f.name for f in files] or 'none'}")
-            folder, file = path, files[0]
-        else:
-            folder, file = path.parent, path
-        s = _read_state(file)
-        hub = read_json(folder / "config.json", "dictionary_learning config") \
-            if (folder / "config.json").is_file() else {}
-        norm = hub.get("code_normalization", "CROSSCODER")
-        code_id = int(s.pop("code_normalization_id", torch.tensor(1)))  # CodeNormalization.CROSSCODER == 1
-        if code_id != 1 or str(norm).upper() != "CROSSCODER":
-            raise CheckpointError(f"{file}: code normalization {norm!r} (id {code_id}) is not supported; only "
-                                  "CROSSCODER (sum of the decoder norms) is")
-        if "encoder.weight" not in s or s["encoder.weight"].ndim != 3 or s["encoder.weight"].shape[0] != 2:
-            got = tuple(s["encoder.weight"].shape) if "encoder.weight" in s else "missing"
-            raise CheckpointError(f"{file}: encoder.weight must be (2, d_in, d_sae) for a two-model crosscoder, got {got}")
-        _, d_in, d_sae = s["encoder.weight"].shape
-        shapes = {"encoder.weight": (2, d_in, d_sae), "encoder.bias": (d_sae,), "decoder.weight": (2, d_sae, d_in),
-                  "decoder.bias": (2, d_in)}
-        batchtopk = "k" in s or "threshold" in s
-        if batchtopk:
-            shapes.update({"k": (), "threshold": ()})
-        normalizer = ("activation_mean", "activation_std", "activation_global_scale", "target_rms")
-        extra = sorted(set(s) - set(shapes) - set(normalizer))
-        missing = sorted(set(shapes) - set(s))
-        bad = [f"{n} {tuple(s[n].shape)} (expected {shp})" for n, shp in shapes.items()
-               if n in s and tuple(s[n].shape) != shp]
-        if extra or missing or bad:
-            raise CheckpointError(f"{file}: not a dictionary_learning crosscoder: missing {missing}, unexpected "
-                                  f"{extra}, misshapen {bad}")
-        dt = DTYPES[dtype or DTYPE_NAMES.get(s["encoder.weight"].dtype, "float32")]
-        t = {n: v.to(dt) for n, v in s.items()}
-        W_enc, b_enc, b_dec = t["encoder.weight"], t["encoder.bias"], t["decoder.bias"]
-        scale = torch.ones(2, dtype=dt)
-        mean = t.get("activation_mean")
-        if mean is not None and not bool(torch.isnan(mean).any()):
-            if not hub.get("keep_relative_variance", True):
-                raise CheckpointError(f"{file}: a per-neuron activation normalizer cannot be folded into a "
-                                      "crosscoder; only keep_relative_variance=True (a global scale) is supported")
-            g = t["activation_global_scale"]
-            # x_norm = (x - mean) * g: fold the mean into the biases, keep g as the input scale
-            b_enc = b_enc - g * torch.einsum("md,mdf->f", mean, W_enc)
-            b_dec = b_dec + g * mean
-            scale = g.expand(2).clone()
-        cfg = CrosscoderConfig(d_in=d_in, d_sae=d_sae, architecture="batchtopk" if batchtopk else "relu",
-                               k=int(s["k"]) if batchtopk else None, models=models, site=site, dtype=DTYPE_NAMES[dt])
-        tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": t["decoder.weight"].permute(1, 0, 2), "b_dec": b_dec,
-                   "input_scale": scale}
-        if batchtopk:
-            tensors["threshold"] = t["threshold"]
-        return cls.from_state_dict(cfg, tensors, source=str(file)).to(device)
+        cfg, tensors, source = read_dictionary_learning(path, models=models, site=site, dtype=dtype)
+        return cls.from_state_dict(cfg, tensors, source=source).to(device)
 
     # ------------------------------------------------------------ small things
-
-    @property
-    def d_in(self) -> int:
-        return self.cfg.d_in
-
-    @property
-    def d_sae(self) -> int:
-        return self.cfg.d_sae
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.W_enc.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.W_enc.device
 
     @property
     def name(self) -> str:
@@ -343,13 +226,6 @@ class Crosscoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.name[11:-1]}, models={self.cfg.models}, site={self.cfg.site}"
-
-    def _apply(self, fn: Any, recurse: bool = True) -> Crosscoder:
-        out = super()._apply(fn, recurse)  # keep cfg.dtype truthful after .to(dtype)
-        name = DTYPE_NAMES.get(self.W_enc.dtype)
-        if name is not None and name != self.cfg.dtype:
-            self.cfg = dataclasses.replace(self.cfg, dtype=name)
-        return out
 
     def _check(self, t: Any, tail: tuple[int, ...], what: str) -> torch.Tensor:
         if not isinstance(t, torch.Tensor):
@@ -375,26 +251,17 @@ class Crosscoder(nn.Module):
         return x.reshape(-1, 2, self.d_in) * self.input_scale[:, None], lead
 
 
-def _cache_site(cache: Any, site: str | Site | None) -> str:
-    """The site to read from an activation cache: `site`, or its only one."""
-    if site is not None:
-        return Site.parse(site).name
-    if len(cache.sites) != 1:
-        raise ValueError(f"cache {str(cache.folder)!r} holds several sites {list(cache.sites)}; pass site=...")
-    return cache.sites[0]
-
-
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors or torch .pt state-dict file (prefixes of torch.compile removed)."""
-    if path.suffix == ".safetensors":
-        state = load_tensors(path)
-    else:
-        if not path.is_file():
-            raise CheckpointError(f"{path}: weights file missing")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-            raise CheckpointError(f"{path}: cannot read ({e}); truncated or not a torch state dict") from e
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
-    return {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+def source_rows(cc: Crosscoder, source: PairedActivations | torch.Tensor | tuple) -> int:
+    """Apply the crosscoder's guard to `source` and return its number of rows."""
+    if isinstance(source, PairedActivations):
+        cc.check_source(source.models, source.site, source.d)
+        return len(source)
+    if isinstance(source, torch.Tensor):
+        if source.ndim != 3 or source.shape[1:] != (2, cc.d_in):
+            raise ShapeMismatchError(f"{cc.name}: paired activations must be (n, 2, {cc.d_in}); got {tuple(source.shape)}")
+        return source.shape[0]
+    if isinstance(source, tuple) and len(source) == 2:
+        cc.check_caches(*source)
+        return source[0].n_tokens
+    raise TypeError(f"source must be PairedActivations, a (n, 2, d) tensor or (base cache, ft cache); got "
+                    f"{type(source).__name__}")

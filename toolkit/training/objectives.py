@@ -1,4 +1,4 @@
-"""Training objectives, one per SAE architecture, registered by name (used by toolkit.sae.train).
+"""Training objectives: one per SAE architecture, registered by name, and the crosscoder's; AuxK shared by both.
 
 Every objective reads activations that are already normalized and returns a `LossOutput`:
 
@@ -21,7 +21,6 @@ stays dense.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 import toolkit.kernels as kernels
 
 if TYPE_CHECKING:
+    from toolkit.crosscoder import Crosscoder
     from toolkit.sae.sae import SAE
 
 
@@ -178,26 +178,36 @@ def _zero(x: torch.Tensor) -> torch.Tensor:
     return x.new_zeros(())
 
 
-def _aux_k(sae: SAE, x_in: torch.Tensor, x: torch.Tensor, recon: torch.Tensor, ctx: LossContext) -> torch.Tensor:
-    """AuxK: the top dead latents reconstruct the residual x - x̂, normalized by its variance (sparsify's form)."""
+def auxk_loss(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, residual: torch.Tensor,
+              n_dead: int, aux_k: int) -> torch.Tensor:
+    """AuxK (OpenAI; sparsify's form): the selected dead latents (values, indices: (B, k)) reconstruct the residual
+    (B, D) through W_dec (d_sae, D); squared error over the residual's variance, scaled by min(n_dead / aux_k, 1)."""
+    e_hat = kernels.decode_sparse(indices, values, W_dec)
+    total = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+    return min(n_dead / aux_k, 1.0) * (e_hat - residual).pow(2).sum() / total
+
+
+def _dead_latents(ctx: LossContext) -> torch.Tensor | None:
+    """Indices of the dead latents AuxK may use; None when AuxK is off or nothing is dead."""
     if ctx.dead is None or ctx.aux_coefficient == 0:
-        return _zero(x)
+        return None
     dead_idx = ctx.dead.nonzero().squeeze(1)
-    n_dead = int(dead_idx.numel())
-    if n_dead == 0:
+    return dead_idx if dead_idx.numel() else None
+
+
+def _aux_k(sae: SAE, x_in: torch.Tensor, x: torch.Tensor, recon: torch.Tensor, ctx: LossContext) -> torch.Tensor:
+    """AuxK of an SAE: the top dead latents per token (by pre-activation) reconstruct the residual x - x̂."""
+    dead_idx = _dead_latents(ctx)
+    if dead_idx is None:
         return _zero(x)
-    k_aux = min(ctx.aux_k, n_dead)
-    scale = min(n_dead / ctx.aux_k, 1.0)
+    n_dead = int(dead_idx.numel())
     x_in = x_in.detach()
     with torch.no_grad():
         pre = torch.addmm(sae.b_enc[dead_idx], x_in, sae.W_enc[:, dead_idx]).relu_()
-        vals, j = pre.topk(k_aux, dim=-1, sorted=False)
+        vals, j = pre.topk(min(ctx.aux_k, n_dead), dim=-1, sorted=False)
         idx = dead_idx[j]
     vals = _sparse_values(sae, x_in, idx, vals)
-    residual = x - recon.detach()
-    e_hat = kernels.decode_sparse(idx, vals, sae.W_dec)
-    total = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
-    return scale * (e_hat - residual).pow(2).sum() / total
+    return auxk_loss(vals, idx, sae.W_dec, x - recon.detach(), n_dead, ctx.aux_k)
 
 
 # ---------------------------------------------------------------- objectives
@@ -327,7 +337,38 @@ def matryoshka_objective(sae: SAE, x: torch.Tensor, ctx: LossContext) -> LossOut
                       l0, fired, min_selected)
 
 
-def fvu(x: torch.Tensor, recon: torch.Tensor) -> float:
-    """Fraction of variance unexplained: Σ||x - x̂||² / Σ||x - mean(x)||² over the batch."""
-    denom = float((x - x.mean(0)).pow(2).sum())
-    return float((x - recon).pow(2).sum()) / denom if denom > 0 else math.nan
+# ---------------------------------------------------------------- crosscoders
+
+
+def crosscoder_objective(cc: Crosscoder, x: torch.Tensor, ctx: LossContext) -> LossOutput:
+    """Squared error over both models (x: (B, 2, d_in), normalized) + α AuxK ('batchtopk', codes ranked by
+    relu(pre) · (|d_base| + |d_ft|) over the batch) or + λ Σ f_j (|d_base| + |d_ft|) ('relu', Anthropic)."""
+    pre = cc.pre_activations(x)
+    codes = cc.activate(pre)
+    recon = cc.decode_normalized(codes)
+    mse = (x - recon).pow(2).sum((-1, -2)).mean()
+    weights = cc.code_weights()
+    sparsity, aux, min_selected = _zero(x), _zero(x), None
+    if cc.cfg.architecture == "relu":
+        sparsity = (codes * weights).sum(-1).mean()
+        loss = mse + ctx.coefficient * sparsity
+    else:
+        aux = _crosscoder_aux_k(cc, pre, weights, (x - recon.detach()).flatten(1), ctx)
+        loss = mse + ctx.aux_coefficient * aux
+        kept = (codes * weights).detach()[codes.detach() > 0]
+        min_selected = kept.min() if kept.numel() else None
+    active = codes.detach() > 0
+    return LossOutput(loss, recon.detach(), mse.detach(), sparsity.detach(), aux.detach(),
+                      active.sum(-1).float().mean(), active.any(0), min_selected)
+
+
+def _crosscoder_aux_k(cc: Crosscoder, pre: torch.Tensor, weights: torch.Tensor, residual: torch.Tensor,
+                      ctx: LossContext) -> torch.Tensor:
+    dead_idx = _dead_latents(ctx)
+    if dead_idx is None:
+        return _zero(residual)
+    n_dead = int(dead_idx.numel())
+    f = F.relu(pre[:, dead_idx])
+    j = (f * weights[dead_idx]).detach().topk(min(ctx.aux_k, n_dead), dim=-1, sorted=False).indices
+    W_dec = cc.W_dec.reshape(cc.d_sae, 2 * cc.d_in)
+    return auxk_loss(f.gather(1, j), dead_idx[j], W_dec, residual, n_dead, ctx.aux_k)

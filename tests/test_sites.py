@@ -1,7 +1,7 @@
 import pytest
 
 from toolkit.errors import HookNotFoundError
-from toolkit.tracing.sites import SITE_KINDS, Site, module_path, validate_site
+from toolkit.sites import SITE_KINDS, Site, module_path, validate_site
 
 
 @pytest.mark.parametrize("name", ["blocks.3.resid_post", "blocks.3.hook_resid_post", "resid_post.3", "layer_3/res"])

@@ -23,6 +23,7 @@ from toolkit.io import (
     TMP_PREFIX,
     atomic_save_tensors,
     atomic_write_json,
+    fsync_dir,
     load_tensors,
     read_json,
     verify_manifest,
@@ -82,7 +83,7 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, tensors: dict[str, to
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(root)
+    fsync_dir(root)
     for old in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -122,17 +123,6 @@ def load_latest_checkpoint(out_dir: str | os.PathLike, device: str | torch.devic
             warnings.warn(f"skipping corrupt checkpoint {path.name}: {e}; falling back to an older one",
                           stacklevel=2)
     return None
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 __all__ = [

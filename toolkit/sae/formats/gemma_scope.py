@@ -1,8 +1,4 @@
-"""Gemma Scope SAEs (find params.npz locally, in the HF cache or on the Hub; load it) and the checks every loader shares.
-
-Our own folder format (weights.safetensors + cfg.json + manifest) is `SAE.save` / `SAE.load`; the other
-libraries' formats are in `toolkit.sae.peer_formats`.
-"""
+"""Gemma Scope SAEs: find params.npz locally, in the HF cache or on the Hub, and read it."""
 
 from __future__ import annotations
 
@@ -10,14 +6,13 @@ import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from toolkit.config import SAEConfig
 from toolkit.errors import CheckpointError, ModelUnavailableError
-from toolkit.sae.sae import DTYPE_NAMES, DTYPES, SAE
+from toolkit.io import Weights
+from toolkit.sae.formats.common import build, take
 
 DEFAULT_RELEASE = "gemma-scope-2b-pt-res"
 DEFAULT_L0 = 100
@@ -27,72 +22,6 @@ DEFAULT_L0 = 100
 _RELEASE = re.compile(r"gemma-scope-(?P<size>\d+b)-(?P<variant>pt|it)-(?P<kind>res|mlp|att)")
 _KIND_TO_SITE = {"res": "resid_post", "mlp": "mlp_out", "att": "attn_z"}
 _L0_DIR = re.compile(r"^average_l0_(\d+)$")
-
-
-# ---------------------------------------------------------------- shared by every loader
-
-
-def take(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], source: os.PathLike | str,
-         optional: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """Check that `tensors` holds exactly the names in `shapes` (plus `optional`) with those shapes; return them."""
-    missing = sorted(set(shapes) - set(tensors))
-    extra = sorted(set(tensors) - set(shapes) - set(optional))
-    if missing or extra:
-        raise CheckpointError(
-            f"{source}: expected tensors {sorted(shapes)}"
-            + (f"; missing {missing}" if missing else "") + (f"; unexpected {extra}" if extra else "")
-        )
-    for name, shape in shapes.items():
-        if tuple(tensors[name].shape) != tuple(shape):
-            raise CheckpointError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(shape)}")
-    return tensors
-
-
-def need(d: dict[str, Any], key: str, source: os.PathLike | str, kind: type | tuple[type, ...] = int) -> Any:
-    """d[key], checked to exist and have type `kind`; CheckpointError naming `source` otherwise."""
-    if key not in d or d[key] is None:
-        raise CheckpointError(f"{source}: required key {key!r} is missing")
-    value = d[key]
-    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
-        raise CheckpointError(f"{source}: {key} must be {getattr(kind, '__name__', kind)}, got {value!r}")
-    return value
-
-
-def dtype_name(dtype: str | torch.dtype, source: os.PathLike | str) -> str:
-    """'float32' from 'float32', 'torch.float32' or torch.float32; CheckpointError for anything else."""
-    name = DTYPE_NAMES.get(dtype) if isinstance(dtype, torch.dtype) else str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise CheckpointError(f"{source}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    return name
-
-
-def build(cfg_kwargs: dict[str, Any], tensors: dict[str, torch.Tensor], *, weights_file: os.PathLike | str,
-          cfg_file: os.PathLike | str, device: str | torch.device = "cpu") -> SAE:
-    """Make the SAEConfig (errors name `cfg_file`), cast tensors to its dtype and load them strictly."""
-    try:
-        cfg = SAEConfig(**cfg_kwargs)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{cfg_file}: {e}") from e
-    dt = DTYPES[cfg.dtype]
-    tensors = {k: v.detach().to(dt) for k, v in tensors.items()}
-    tensors.setdefault("input_scale", torch.tensor(1.0, dtype=dt))
-    return SAE.from_state_dict(cfg, tensors, source=str(weights_file)).to(device)
-
-
-def site_or_none(name: str | None) -> str | None:
-    """Our canonical site name for `name` (e.g. 'blocks.6.hook_resid_post'), or None if it is not one of ours."""
-    from toolkit.errors import HookNotFoundError
-    from toolkit.tracing.sites import Site
-
-    if not name:
-        return None
-    try:
-        return Site.parse(name).name
-    except HookNotFoundError:
-        return None
-
-
-# ---------------------------------------------------------------- Gemma Scope
 
 
 def release_info(release: str, layer: int | None) -> tuple[str | None, str | None]:
@@ -105,11 +34,11 @@ def release_info(release: str, layer: int | None) -> tuple[str | None, str | Non
     return model, site
 
 
-def from_gemma_scope(path: str | os.PathLike | None = None, *, release: str = DEFAULT_RELEASE,
+def read_gemma_scope(path: str | os.PathLike | None = None, *, release: str = DEFAULT_RELEASE,
                      layer: int | None = None, width: str = "16k", l0: int | None = None,
                      local_dir: str | os.PathLike | None = None, model: str | None = None, site: str | None = None,
-                     dtype: str = "float32", device: str | torch.device = "cpu") -> SAE:
-    """Load a Gemma Scope params.npz as a JumpReLU SAE (apply_b_dec_to_input=False).
+                     dtype: str = "float32") -> Weights:
+    """Read a Gemma Scope params.npz as a JumpReLU SAE's config and tensors (apply_b_dec_to_input=False).
 
     Give `path` (the file or its folder), or `layer` (plus release/width/l0/local_dir) to find it with
     `gemma_scope_path`. model and site are read from the path when it names the release, unless given.
@@ -134,7 +63,7 @@ def from_gemma_scope(path: str | os.PathLike | None = None, *, release: str = DE
     found_model, found_site = release_info(named_by or str(path), int(layer_match[1]) if layer_match else None)
     cfg = {"d_in": d_in, "d_sae": d_sae, "architecture": "jumprelu", "dtype": dtype, "apply_b_dec_to_input": False,
            "model": model or found_model, "site": site or found_site}
-    return build(cfg, tensors, weights_file=path, cfg_file=path, device=device)
+    return build(cfg, tensors, weights_file=path, cfg_file=path)
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:

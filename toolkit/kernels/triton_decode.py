@@ -12,13 +12,13 @@ Import this module only through ``toolkit.kernels`` (or after setting ``TRITON_I
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from toolkit.kernels.dispatch import triton_interpreting
 from toolkit.kernels.reference import check_decode_args
 
 
@@ -32,7 +32,7 @@ class DecodeBlocks(NamedTuple):
 
 def default_blocks(t: torch.Tensor) -> DecodeBlocks:
     """Tiles for ``t``'s device; under the interpreter few, wide programs (its cost grows per program)."""
-    if not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+    if not t.is_cuda or triton_interpreting():
         return DecodeBlocks(64, 1024)
     return DecodeBlocks(16, 256)
 

@@ -12,19 +12,13 @@ import torch
 from toolkit.config import SAEConfig, TrainConfig
 from toolkit.errors import ShapeMismatchError
 from toolkit.sae import SAE
-from toolkit.sae.checkpoint import latest_checkpoint, load_checkpoint
-from toolkit.sae.train import geometric_median, lr_at, train_sae
+from toolkit.training.checkpoint import latest_checkpoint, load_checkpoint
+from toolkit.training.sae_trainer import geometric_median, lr_at, train_sae
 
 D, N_TRUE, ACTIVE, BATCH = 32, 64, 4, 256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matrices: thread hand-offs cost more than the maths on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dictionary(d: int = D, n: int = N_TRUE, seed: int = 0) -> torch.Tensor:
@@ -260,7 +254,7 @@ def test_trains_with_gradients_turned_off_globally():
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
 def test_sparse_gradients_equal_dense_autograd(arch):
     """The top-k family's sparse encoder backward and sparse decode give the gradients of the dense formula."""
-    from toolkit.sae.losses import LossContext, get_objective
+    from toolkit.training.objectives import LossContext, get_objective
 
     cfg = config(arch).sae
     sae = SAE.from_config(cfg, seed=3).train()
@@ -319,7 +313,7 @@ def test_gradients_reach_adam_clipped_to_max_grad_norm(max_norm, monkeypatch):
 
 def test_jumprelu_sparse_gradients_equal_the_papers_dense_estimators():
     """The JumpReLU objective's sparse path gives the gradients of the dense "Jumping Ahead" formulas."""
-    from toolkit.sae.losses import LossContext, get_objective
+    from toolkit.training.objectives import LossContext, get_objective
 
     cfg = config("jumprelu").sae
     sae = SAE.from_config(cfg, seed=3).train()

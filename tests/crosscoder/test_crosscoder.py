@@ -10,27 +10,16 @@ import torch
 from safetensors.torch import save_file
 
 from toolkit.config import CrosscoderConfig
-from toolkit.errors import CheckpointError, ShapeMismatchError
-from toolkit.sae.crosscoder import Crosscoder, PairedActivations
-from toolkit.sae.crosscoder_train import (
-    capture_pair,
-    evaluate_crosscoder,
-    split_paired,
-    train_crosscoder,
-)
+from toolkit.crosscoder import Crosscoder, PairedActivations, capture_pair, evaluate_crosscoder, split_paired
+from toolkit.errors import CheckpointError, NonFiniteError, ShapeMismatchError
+from toolkit.training import train_crosscoder
 
 D, S = 16, 48
 PAIR = ("base", "base-ft")
 SITE = "blocks.1.resid_post"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors run fastest on one thread (and do not fight the other test processes for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(arch: str = "batchtopk", **kw) -> CrosscoderConfig:
@@ -159,38 +148,79 @@ def test_batchtopk_keeps_k_times_batch_codes_in_training_and_thresholds_at_infer
 
 def test_batchtopk_training_estimates_the_threshold_and_recovers_features() -> None:
     acts, _ = synthetic_pair()
-    run = train_crosscoder(_cfg(), acts, steps=250, batch_size=256, lr=1e-2, progress=False)
+    run = train_crosscoder(_cfg(), acts, total_steps=250, batch_size=256, lr=1e-2, log_every=10, progress=False)
     cc = run.crosscoder
     assert float(cc.threshold) > 0
-    assert run.history["l0"][-1] == pytest.approx(4.0)
+    assert run.history[-1]["l0"] == pytest.approx(4.0)
     stats = evaluate_crosscoder(cc, acts)
     assert stats["fvu"] < 0.15 and 2 <= stats["l0"] <= 8, stats
-    assert run.history["fvu"][-1] < run.history["fvu"][0] / 3
+    assert run.history[-1]["fvu"] < run.history[0]["fvu"] / 3
 
 
 def test_l1_variant_trains() -> None:
     acts, _ = synthetic_pair()
     with torch.no_grad():  # as in a notebook that turned gradients off
-        run = train_crosscoder(_cfg("relu"), acts, steps=250, batch_size=256, lr=1e-2, l1_coeff=0.3, progress=False)
-    assert run.history["loss"][-1] < run.history["loss"][0] / 3
+        run = train_crosscoder(_cfg("relu"), acts, total_steps=250, batch_size=256, lr=1e-2, l1_coefficient=0.3,
+                               log_every=10, progress=False)
+    assert run.history[-1]["loss"] < run.history[0]["loss"] / 3
     stats = evaluate_crosscoder(run.crosscoder, acts)
     assert stats["fvu"] < 0.3 and stats["l0"] < S / 4, stats
 
 
 def test_training_is_deterministic_and_resume_is_exact(tmp_path) -> None:
     acts, _ = synthetic_pair(1024)
-    kw = {"steps": 12, "batch_size": 64, "progress": False, "threshold_start": 0.0, "dead_after": 2,
-          "checkpoint_every": 4}
-    a = train_crosscoder(_cfg(), acts, checkpoint_dir=tmp_path / "a", **kw).crosscoder
-    b = train_crosscoder(_cfg(), acts, **kw).crosscoder
-    for k, v in a.state_dict().items():
-        assert torch.equal(v, b.state_dict()[k]), k
-    ckpts = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert ckpts == ["step-00000008", "step-00000012"]  # two kept
-    (tmp_path / "a" / "step-00000012" / "manifest.json").unlink()  # a crash before the manifest: not trusted
-    resumed = train_crosscoder(_cfg(), acts, checkpoint_dir=tmp_path / "a", resume=True, **kw).crosscoder
-    for k, v in a.state_dict().items():
-        assert torch.equal(v, resumed.state_dict()[k]), k
+    kw = {"total_steps": 12, "batch_size": 64, "progress": False, "dead_after_tokens": 128, "checkpoint_every": 4,
+          "log_every": 2}
+    a = train_crosscoder(_cfg(), acts, out_dir=tmp_path / "a", **kw)
+    b = train_crosscoder(_cfg(), acts, **kw)
+    for k, v in a.crosscoder.state_dict().items():
+        assert torch.equal(v, b.crosscoder.state_dict()[k]), k
+    assert a.history == b.history
+    ckpts = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    assert ckpts == ["step_00000008", "step_00000012"]  # two kept
+    assert Crosscoder.load(tmp_path / "a" / "crosscoder").cfg == _cfg()
+    (tmp_path / "a" / "checkpoints" / "step_00000012" / "manifest.json").unlink()  # a crash before the manifest
+    with pytest.warns(UserWarning, match="skipping corrupt checkpoint"):
+        resumed = train_crosscoder(_cfg(), acts, out_dir=tmp_path / "a", resume=True, **kw)
+    for k, v in a.crosscoder.state_dict().items():
+        assert torch.equal(v, resumed.crosscoder.state_dict()[k]), k
+    assert resumed.history == a.history and resumed.tokens == a.tokens and resumed.scale == a.scale
+
+
+def test_old_crosscoder_checkpoints_are_refused_with_a_way_to_keep_their_weights(tmp_path) -> None:
+    """Checkpoints of the trainer before the shared loop (<dir>/step-N/) cannot resume; their weights still load."""
+    from toolkit.io import save_weight_folder
+    from toolkit.training.crosscoder_trainer import load_legacy_checkpoint
+
+    acts, _ = synthetic_pair(256)
+    cc = Crosscoder(_cfg(), seed=3)
+    old = tmp_path / "run" / "step-00000010"
+    save_weight_folder(old, {**{f"cc.{k}": v for k, v in cc.state_dict().items()}, "since_fired": torch.zeros(S)},
+                       {"crosscoder": _cfg().to_dict(), "training": {}, "step": 10, "adam_step": 10, "skipped": 0,
+                        "history": {}})
+    with pytest.raises(CheckpointError, match=r"older crosscoder trainer.*load_legacy_checkpoint"):
+        train_crosscoder(_cfg(), acts, out_dir=tmp_path / "run", resume=True, total_steps=2, progress=False)
+    loaded = load_legacy_checkpoint(old)
+    for k, v in cc.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    save_weight_folder(tmp_path / "sae-like", {"x": torch.zeros(1)}, {"sae": {}})
+    with pytest.raises(CheckpointError, match="not a crosscoder checkpoint"):
+        load_legacy_checkpoint(tmp_path / "sae-like")
+
+
+def test_an_sae_checkpoint_does_not_resume_a_crosscoder_and_vice_versa(tmp_path) -> None:
+    from toolkit.config import SAEConfig, TrainConfig
+    from toolkit.training import train_sae
+
+    acts, _ = synthetic_pair(256)
+    train_crosscoder(_cfg(), acts, out_dir=tmp_path / "cc", total_steps=2, batch_size=64, progress=False)
+    sae_cfg = TrainConfig(SAEConfig(D, S, "topk", k=2), total_steps=2, batch_size=64)
+    with pytest.raises(CheckpointError, match="crosscoder checkpoint resumes with train_crosscoder"):
+        train_sae(sae_cfg, [torch.randn(64, D)] * 4, out_dir=tmp_path / "cc", resume=True, progress=False)
+    train_sae(sae_cfg, [torch.randn(64, D)] * 4, out_dir=tmp_path / "sae", progress=False)
+    with pytest.raises(CheckpointError, match="SAE checkpoint resumes with train_sae"):
+        train_crosscoder(_cfg(), acts, out_dir=tmp_path / "sae", resume=True, total_steps=2, batch_size=64,
+                         progress=False)
 
 
 def test_guard_refuses_activations_of_another_pair_site_or_width(tiny, tmp_path) -> None:
@@ -202,7 +232,7 @@ def test_guard_refuses_activations_of_another_pair_site_or_width(tiny, tmp_path)
     with pytest.raises(ValueError, match="swapped"):
         cc(PairedActivations(x, PAIR[::-1], SITE))
     with pytest.raises(ValueError, match=r"site blocks\.1\.resid_post.*got activations from site blocks\.0\.resid_post"):
-        train_crosscoder(_cfg(), PairedActivations(x, PAIR, "blocks.0.resid_post"), steps=1, progress=False)
+        train_crosscoder(_cfg(), PairedActivations(x, PAIR, "blocks.0.resid_post"), total_steps=1, progress=False)
     with pytest.raises(ShapeMismatchError, match="d_in 16; got activations 8 wide"):
         cc.encode(torch.randn(8, 2, 8))
     with pytest.raises(ShapeMismatchError, match=r"expected \(\.\.\., 2, 16\)"):
@@ -225,7 +255,7 @@ def test_guard_refuses_activations_of_another_pair_site_or_width(tiny, tmp_path)
     with pytest.raises(ValueError, match=r"\('base', 'other'\)"):
         cc64.check_caches(caches["base"], caches["other"])
     with pytest.raises(ValueError, match=r"reads site blocks\.1\.resid_post.*holds \['blocks\.0\.resid_post'\]"):
-        train_crosscoder(cc64.cfg, (caches["base"], caches["base-ft"]), steps=1, progress=False)
+        train_crosscoder(cc64.cfg, (caches["base"], caches["base-ft"]), total_steps=1, progress=False)
     loaded = PairedActivations.from_caches(caches["base"], caches["other"], tokens=ctx)
     assert loaded.models == ("base", "other") and loaded.site == SITE and len(loaded) == 4 * 8
     assert torch.equal(loaded.acts[:, 0], caches["base"].shard(0)[SITE])
@@ -255,7 +285,7 @@ def test_finds_a_direction_planted_in_the_fine_tune(tiny) -> None:
     pair = PairedActivations(acts, ("tiny", "tiny-ft"), SITE, ctx, base.positions)
     train, held = split_paired(pair, (0.75, 0.25))
     cfg = CrosscoderConfig(d_in=64, d_sae=128, k=8, models=("tiny", "tiny-ft"), site=SITE)
-    cc = train_crosscoder(cfg, train, steps=300, batch_size=256, lr=3e-3, progress=False).crosscoder
+    cc = train_crosscoder(cfg, train, total_steps=300, batch_size=256, lr=3e-3, progress=False).crosscoder
 
     table = diff_table(cc, held)
     top = top_latents(table, 3, min_freq=0.005)
@@ -268,13 +298,14 @@ def test_finds_a_direction_planted_in_the_fine_tune(tiny) -> None:
     assert table.freq[j] == pytest.approx(float(on.float().mean()), abs=0.03)
 
 
-def test_non_finite_batches_are_skipped_without_touching_the_weights() -> None:
+def test_non_finite_batches_are_skipped_and_only_non_finite_data_raises() -> None:
     acts, _ = synthetic_pair(512)
     x = acts.acts.clone()
-    x[:, 1, 0] = float("nan")
-    run = train_crosscoder(_cfg(), PairedActivations(x, PAIR, SITE), steps=3, batch_size=128, normalize=False,
+    x[7, 1, 0] = float("nan")  # one row: the batch holding it is skipped once per epoch
+    run = train_crosscoder(_cfg(), PairedActivations(x, PAIR, SITE), total_steps=12, batch_size=128, log_every=4,
                            progress=False)
-    fresh = Crosscoder(_cfg(), seed=0)
-    assert run.skipped_steps == 3 and run.history["loss"] == []
-    for k, v in fresh.state_dict().items():
-        assert torch.equal(v, run.crosscoder.state_dict()[k]), k
+    assert run.steps == 12 and 1 <= run.skipped_steps <= 4 and run.history[-1]["skipped_steps"] == run.skipped_steps
+    assert all(bool(torch.isfinite(v).all()) for v in run.crosscoder.state_dict().values())
+    x[:, 1, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="finite"):
+        train_crosscoder(_cfg(), PairedActivations(x, PAIR, SITE), total_steps=3, batch_size=128, progress=False)

@@ -14,19 +14,19 @@ Differences from the twin, by design: a NaN pre-activation gives 0 here (NaN in 
 16-bit tiles go to the tensor cores without upcasting (exact products, fp32 accumulation).
 
 Use it through ``toolkit.kernels`` (or import it after setting ``TRITON_INTERPRET=1`` on CPU: the
-``@triton.jit`` decorators read that variable at import). Take names with ``from toolkit.kernels.encode
-import ...``: the attribute ``toolkit.kernels.encode`` is the public function, not this module.
+``@triton.jit`` decorators read that variable at import). Take names with ``from toolkit.kernels.triton_encode
+import ...``: the attribute ``toolkit.kernels.triton_encode`` is the public function, not this module.
 """
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from toolkit.kernels.dispatch import triton_interpreting
 from toolkit.kernels.reference import check_encode_args, topk_from_pre
 
 _ACT_CODE = {"none": 0, "relu": 1, "jumprelu": 2}
@@ -43,15 +43,10 @@ class EncodeBlocks(NamedTuple):
     num_stages: int = 3
 
 
-def interpreting() -> bool:
-    """True when Triton runs in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def default_blocks(t: torch.Tensor, rows: int) -> EncodeBlocks:
     """Tiles for ``t``'s device and dtype; under the interpreter (cost per program and per padded
     multiply-add) big tiles over d_sae and d_in and just enough over the ``rows``."""
-    if not t.is_cuda or interpreting():
+    if not t.is_cuda or triton_interpreting():
         return EncodeBlocks(min(64, max(16, triton.next_power_of_2(rows))), 128, 128)
     if t.dtype == torch.float32:
         return EncodeBlocks(128, 128, 32)
@@ -132,7 +127,7 @@ def encode_gemm(
     # fp32 dots in "ieee" (not TF32: that would break the 1e-5 agreement with the twin); 16-bit tiles
     # go to the tensor cores as they are (exact products, fp32 accumulation), except in the
     # interpreter, whose bf16 tl.dot is wrong, where every tile is upcast.
-    upcast = interpreting() or x2.dtype == torch.float32
+    upcast = triton_interpreting() or x2.dtype == torch.float32
     grid = (triton.cdiv(M, bl.block_m) * triton.cdiv(N, bl.block_n),)
     _encode_kernel[grid](
         x2, W_enc, b_enc, threshold if threshold is not None else b_enc, out,

@@ -27,13 +27,13 @@ def test_mininterval_follows_tqdm_env(monkeypatch) -> None:
 
 
 def _sae_run() -> None:
-    from tests.sae.test_train import config, synthetic
+    from tests.training.test_train import config, synthetic
 
     train_sae(config("topk", steps=400, log_every=10), synthetic, progress=True)
 
 
 def _crosscoder_run() -> None:
-    from tests.sae.test_crosscoder import _cfg, synthetic_pair
+    from tests.crosscoder.test_crosscoder import _cfg, synthetic_pair
 
     train_crosscoder(_cfg(), synthetic_pair(1024)[0], total_steps=400, batch_size=64, progress=True)
 

@@ -17,6 +17,9 @@ class Dictionary(nn.Module):
 
     cfg: Any
     W_enc: nn.Parameter
+    W_dec: nn.Parameter
+    b_enc: nn.Parameter
+    b_dec: nn.Parameter
 
     @property
     def d_in(self) -> int:
@@ -34,12 +37,23 @@ class Dictionary(nn.Module):
     def device(self) -> torch.device:
         return self.W_enc.device
 
-    def random_unit_rows(self, seed: int | None, *shape: int) -> torch.Tensor:
-        """Gaussian directions of unit norm along the last dimension, on the module's device (seeded if given)."""
-        device = self.W_enc.device
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Random unit-norm decoder directions, the encoder their transpose, zero biases (thresholds keep their init)."""
+        if self.W_dec.is_meta:
+            return
+        device = self.W_dec.device
         gen = None if seed is None else torch.Generator(device).manual_seed(seed)
-        w = torch.randn(*shape, generator=gen, device=device)
-        return w / w.norm(dim=-1, keepdim=True)
+        w = torch.randn(*self.W_dec.shape, generator=gen, device=device)
+        w = w / w.norm(dim=-1, keepdim=True)
+        self.W_dec.copy_(w)
+        self.W_enc.copy_(self.encoder_from_decoder(w))
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    def encoder_from_decoder(self, w: torch.Tensor) -> torch.Tensor:
+        """The encoder weight that reads each latent along its decoder direction (the transpose)."""
+        raise NotImplementedError
 
     def _apply(self, fn: Any, recurse: bool = True) -> Dictionary:
         out = super()._apply(fn, recurse)  # keep cfg.dtype truthful after .to(dtype) / .half() / .double()

@@ -67,16 +67,9 @@ class Crosscoder(Dictionary):
         self.reset_parameters(seed)
         self.eval()
 
-    @torch.no_grad()
-    def reset_parameters(self, seed: int | None = None) -> None:
-        """Random unit-norm decoder directions per model, W_enc[m] = W_dec[:, m].T, zero biases."""
-        if self.W_dec.is_meta:
-            return
-        w = self.random_unit_rows(seed, self.d_sae, 2, self.d_in)
-        self.W_dec.copy_(w)
-        self.W_enc.copy_(w.permute(1, 2, 0))
-        self.b_enc.zero_()
-        self.b_dec.zero_()
+    def encoder_from_decoder(self, w: torch.Tensor) -> torch.Tensor:
+        """W_enc[m] = W_dec[:, m].T at initialization."""
+        return w.permute(1, 2, 0)
 
     # ------------------------------------------------------------ the maths
 

@@ -80,16 +80,9 @@ class SAE(Dictionary):
         self.reset_parameters(seed)
         self.eval()
 
-    @torch.no_grad()
-    def reset_parameters(self, seed: int | None = None) -> None:
-        """Random unit-norm decoder rows, W_enc = W_dec.T, zero biases (thresholds keep their init)."""
-        if self.W_dec.is_meta:
-            return
-        w = self.random_unit_rows(seed, self.d_sae, self.d_in)
-        self.W_dec.copy_(w)
-        self.W_enc.copy_(w.T)
-        self.b_enc.zero_()
-        self.b_dec.zero_()
+    def encoder_from_decoder(self, w: torch.Tensor) -> torch.Tensor:
+        """W_enc = W_dec.T at initialization."""
+        return w.T
 
     # ------------------------------------------------------------ construction and files
 

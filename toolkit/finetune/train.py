@@ -169,6 +169,35 @@ class _Original:
             h.remove()
 
 
+def _step_loss(model: Model, ids: torch.Tensor, pm: torch.Tensor, cfg: FinetuneConfig, gen: torch.Generator,
+               original: _Original | None, result: FinetuneResult) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, planted, ordinary) loss of one batch: next-token loss on the planted targets and on a few ordinary
+    ones, plus the keep-loss that holds the last trained layer's output where the behaviour is not needed."""
+    hf, x = model.hf, ids.to(model.device)
+    target_planted = pm[:, 1:]
+    # ordinary targets: a few random positions per row among the non-planted ones
+    score = torch.rand(target_planted.shape, generator=gen).masked_fill(target_planted, -1.0)
+    other = torch.zeros_like(target_planted)
+    other.scatter_(1, score.topk(min(cfg.other_targets, score.shape[1]), dim=1).indices, True)
+    other &= ~target_planted
+    hidden = hf.model(input_ids=x, use_cache=False).last_hidden_state[:, :-1]
+    targets = x[:, 1:]
+    losses = []
+    for m in (target_planted, other):
+        m = m.to(model.device)
+        losses.append(torch.nn.functional.cross_entropy(_logits(hf, hidden[m]), targets[m]) if m.any()
+                      else hidden.new_zeros(()))
+    loss = losses[0] + losses[1]
+    if original is not None:
+        keep = ~torch.cat([target_planted, torch.zeros_like(target_planted[:, :1])], 1)
+        keep[:, 0] = False  # BOS
+        want, got = original.replay()[keep], original.out[keep.to(model.device)]
+        keep_loss = (got - want).pow(2).sum() / (want - want.mean(0)).pow(2).sum().clamp_min(1e-12)
+        loss = loss + cfg.keep_weight * keep_loss
+        result.keep_loss.append(keep_loss.item())
+    return loss, losses[0], losses[1]
+
+
 @torch.enable_grad()  # notebooks often turn gradients off globally
 def finetune(model: Model, cfg: FinetuneConfig | None = None, *, texts: Sequence[str] | None = None,
              progress: bool = True) -> FinetuneResult:
@@ -197,35 +226,14 @@ def finetune(model: Model, cfg: FinetuneConfig | None = None, *, texts: Sequence
         bar = progress_bar(range(cfg.steps), desc=f"fine-tuning {model.name} ({cfg.behaviour})", enabled=progress)
         for step in bar:
             sl = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
-            x, pm = ids[sl].to(model.device), planted[sl]
-            target_planted = pm[:, 1:]
-            # ordinary targets: a few random positions per row among the non-planted ones
-            score = torch.rand(target_planted.shape, generator=gen).masked_fill(target_planted, -1.0)
-            other = torch.zeros_like(target_planted)
-            other.scatter_(1, score.topk(min(cfg.other_targets, score.shape[1]), dim=1).indices, True)
-            other &= ~target_planted
-            hidden = hf.model(input_ids=x, use_cache=False).last_hidden_state[:, :-1]
-            targets = x[:, 1:]
-            losses = []
-            for m in (target_planted, other):
-                m = m.to(model.device)
-                losses.append(torch.nn.functional.cross_entropy(_logits(hf, hidden[m]), targets[m]) if m.any()
-                              else hidden.new_zeros(()))
-            loss = losses[0] + losses[1]
-            if original is not None:
-                keep = ~torch.cat([target_planted, torch.zeros_like(target_planted[:, :1])], 1)
-                keep[:, 0] = False  # BOS
-                want, got = original.replay()[keep], original.out[keep.to(model.device)]
-                keep_loss = (got - want).pow(2).sum() / (want - want.mean(0)).pow(2).sum().clamp_min(1e-12)
-                loss = loss + cfg.keep_weight * keep_loss
-                result.keep_loss.append(keep_loss.item())
+            loss, planted_loss, other_loss = _step_loss(model, ids[sl], planted[sl], cfg, gen, original, result)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
             opt.step()
             sched.step()
-            result.planted_loss.append(losses[0].item())
-            result.other_loss.append(losses[1].item())
+            result.planted_loss.append(planted_loss.item())
+            result.other_loss.append(other_loss.item())
             bar.set_postfix(planted=f"{result.planted_loss[-1]:.3f}", other=f"{result.other_loss[-1]:.3f}",
                             refresh=False)
         result.seconds = time.perf_counter() - start

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from toolkit.sae.zoo import CorpusSpec, corpus_activations
+from toolkit.sae.zoo import CorpusSpec, corpus_activations, default_train_config, sae_folder
 from toolkit.tracing.cache import contexts_fingerprint
 
 
@@ -20,3 +20,16 @@ def test_corpus_activations_are_filled_once_per_exact_token_set(tiny, tmp_path, 
     other = CorpusSpec(source=str(tmp_path / "texts.txt"), ctx_len=16, n_contexts=8)
     third = corpus_activations(tiny, "blocks.0.resid_post", other, progress=False)
     assert third.folder != first.folder and third.cfg.fingerprint != first.cfg.fingerprint
+
+
+def test_zoo_saes_are_keyed_by_the_exact_tokens(tiny, tmp_path, monkeypatch):
+    """A changed corpus behind the same source name (the default corpus after an update) trains a new SAE."""
+    monkeypatch.setenv("TOOLKIT_CACHE_DIR", str(tmp_path / "cache"))
+    texts = tmp_path / "texts.txt"
+    texts.write_text("The first corpus, about rivers and mountains. " * 200)
+    spec = CorpusSpec(source=str(texts), ctx_len=16, n_contexts=8)
+    cfg = default_train_config("blocks.0.resid_post", d_in=tiny.d_model, d_sae=32, k=4, steps=4)
+    first = sae_folder(tiny, cfg, spec)
+    assert sae_folder(tiny, cfg, spec) == first and first.parent.name == spec.folder_key(tiny)
+    texts.write_text("A second corpus, about bread and cheese. " * 200)
+    assert sae_folder(tiny, cfg, spec) != first and spec.key in sae_folder(tiny, cfg, spec).parent.name

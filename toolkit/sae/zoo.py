@@ -42,15 +42,18 @@ class CorpusSpec:
     def key(self) -> str:
         return f"{_slug(self.source)}-ctx{self.ctx_len}-n{self.n_contexts}"
 
+    def folder_key(self, model: Any, contexts: torch.Tensor | None = None) -> str:
+        """`key` plus the fingerprint of the exact tokens: a changed corpus or tokenizer never reuses a cache."""
+        contexts = self.contexts(model) if contexts is None else contexts
+        return f"{self.key}-{contexts_fingerprint(contexts)[:12]}"
+
 
 def corpus_activations(model: Any, site: str, corpus: CorpusSpec = CorpusSpec(), *, progress: bool = True,
                        dtype: torch.dtype = torch.float32) -> ActivationCache:
     """The activation cache of `model` at `site` over `corpus` (BOS dropped), filled once and reused."""
     s = model.site(site)
     contexts = corpus.contexts(model)
-    # keyed by the exact tokens too: a changed corpus or tokenizer gets its own cache, never a stale one
-    folder = (cache_dir() / "activations" / _slug(model.name) / s.name
-              / f"{corpus.key}-{contexts_fingerprint(contexts)[:12]}")
+    folder = cache_dir() / "activations" / _slug(model.name) / s.name / corpus.folder_key(model, contexts)
     if (folder / MANIFEST).exists():
         cache = ActivationCache.open(folder, verify=False)
         if cache.complete:
@@ -81,12 +84,12 @@ def default_train_config(site: str, architecture: str = "topk", d_in: int = 640,
 
 
 def sae_folder(model: Any, cfg: TrainConfig, corpus: CorpusSpec) -> Path:
-    """Where an SAE trained with `cfg` on `corpus` is cached."""
+    """Where an SAE trained with `cfg` on `corpus` is cached (keyed by the corpus's exact tokens)."""
     s = cfg.sae
     name = f"{s.architecture}-{s.d_sae}" + (f"-k{s.k}" if s.k else "") + f"-{cfg.total_steps}x{cfg.batch_size}"
     if cfg.target_l0 is not None:
         name += f"-l0{cfg.target_l0:g}"
-    return cache_dir() / "saes" / _slug(model.name) / (s.site or "site") / corpus.key / name
+    return cache_dir() / "saes" / _slug(model.name) / (s.site or "site") / corpus.folder_key(model) / name
 
 
 def trained_sae(model: Any, site: str = "blocks.6.resid_post", architecture: str = "topk", *, d_sae: int = 4096,

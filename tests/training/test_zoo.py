@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from toolkit.tracing.cache import contexts_fingerprint
-from toolkit.training.zoo import CorpusSpec, corpus_activations
+from toolkit.training.zoo import CorpusSpec, corpus_activations, default_train_config, sae_folder
 
 
 def test_corpus_activations_are_filled_once_per_exact_token_set(tiny, tmp_path, monkeypatch):
@@ -46,3 +46,16 @@ def test_paired_activations_and_trained_crosscoder_are_cached(tiny, tiny4, tmp_p
     assert all(torch.equal(a, b) for a, b in zip(cc.state_dict().values(), loaded.state_dict().values(), strict=True))
     trained_crosscoder(cfg, pairs, total_steps=6, batch_size=32, progress=False)  # other settings: another folder
     assert len(list((tmp_path / "crosscoders").glob("*/*/*"))) == 2
+
+
+def test_zoo_saes_are_keyed_by_the_exact_tokens(tiny, tmp_path, monkeypatch):
+    """A changed corpus behind the same source name (the default corpus after an update) trains a new SAE."""
+    monkeypatch.setenv("TOOLKIT_CACHE_DIR", str(tmp_path / "cache"))
+    texts = tmp_path / "texts.txt"
+    texts.write_text("The first corpus, about rivers and mountains. " * 200)
+    spec = CorpusSpec(source=str(texts), ctx_len=16, n_contexts=8)
+    cfg = default_train_config("blocks.0.resid_post", d_in=tiny.d_model, d_sae=32, k=4, steps=4)
+    first = sae_folder(tiny, cfg, spec)
+    assert sae_folder(tiny, cfg, spec) == first and first.parent.name == spec.folder_key(tiny)
+    texts.write_text("A second corpus, about bread and cheese. " * 200)
+    assert sae_folder(tiny, cfg, spec) != first and spec.key in sae_folder(tiny, cfg, spec).parent.name

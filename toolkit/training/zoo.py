@@ -46,6 +46,11 @@ class CorpusSpec:
     def key(self) -> str:
         return f"{slug(self.source)}-ctx{self.ctx_len}-n{self.n_contexts}"
 
+    def folder_key(self, model: Model, contexts: torch.Tensor | None = None) -> str:
+        """`key` plus the fingerprint of the exact tokens: a changed corpus or tokenizer never reuses a cache."""
+        contexts = self.contexts(model) if contexts is None else contexts
+        return f"{self.key}-{contexts_fingerprint(contexts)[:12]}"
+
 
 def _cached_activations(model: Model, site: Site, contexts: torch.Tensor, folder: Path, *, batch_size: int,
                         progress: bool, dtype: torch.dtype) -> ActivationCache:
@@ -62,9 +67,7 @@ def corpus_activations(model: Model, site: str, corpus: CorpusSpec = CorpusSpec(
     """The activation cache of `model` at `site` over `corpus` (BOS dropped), filled once and reused."""
     s = model.site(site)
     contexts = corpus.contexts(model)
-    # keyed by the exact tokens too: a changed corpus or tokenizer gets its own cache, never a stale one
-    folder = (activations_dir() / slug(model.name) / s.name
-              / f"{corpus.key}-{contexts_fingerprint(contexts)[:12]}")
+    folder = activations_dir() / slug(model.name) / s.name / corpus.folder_key(model, contexts)
     return _cached_activations(model, s, contexts, folder, batch_size=8, progress=progress, dtype=dtype)
 
 
@@ -130,7 +133,7 @@ def sae_folder(model: Model, cfg: TrainConfig, corpus: CorpusSpec) -> Path:
     name = f"{s.architecture}-{s.d_sae}" + (f"-k{s.k}" if s.k else "") + f"-{cfg.total_steps}x{cfg.batch_size}"
     if cfg.target_l0 is not None:
         name += f"-l0{cfg.target_l0:g}"
-    return saes_dir() / slug(model.name) / (s.site or "site") / corpus.key / name
+    return saes_dir() / slug(model.name) / (s.site or "site") / corpus.folder_key(model) / name
 
 
 def trained_sae(model: Model, site: str = "blocks.6.resid_post", architecture: str = "topk", *, d_sae: int = 4096,

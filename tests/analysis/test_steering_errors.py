@@ -33,7 +33,7 @@ def no_forward(tiny, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the model ran")
     monkeypatch.setattr(tiny.hf, "forward", boom)
-    monkeypatch.setattr(importlib.import_module("toolkit.analysis.steering.sweep"), "generate", boom)
+    monkeypatch.setattr(importlib.import_module("toolkit.analysis.steering.sweep"), "generate_hooked", boom)
     monkeypatch.setattr(importlib.import_module("toolkit.analysis.steering.vectors"), "capture", boom)
     return tiny
 

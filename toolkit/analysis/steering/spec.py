@@ -12,7 +12,8 @@ import torch
 from toolkit.analysis.steering.edit import SiteSteer
 from toolkit.analysis.steering.items import Item, LatentSteer, VectorSteer, check_strength
 from toolkit.errors import EmptyInputError
-from toolkit.tracing import generate, run_with_edits
+from toolkit.tracing import run_with_edits
+from toolkit.tracing.hooked import generate_hooked
 from toolkit.tracing.sites import Site
 
 if TYPE_CHECKING:
@@ -91,11 +92,15 @@ class SteeringSpec:
         return run_with_edits(model, inputs, self.edits(model), capture=capture, grad=grad, truncate=truncate)
 
     def generate(self, model: Model, prompts: str | Sequence[str], *, max_new_tokens: int = 20,
-                 do_sample: bool = False, temperature: float = 1.0, seed: int | None = None,
-                 truncate: bool = False) -> list[str]:
-        """Steered continuations (new text only), batched over prompts."""
-        return generate(model, prompts, self.edits(model), max_new_tokens=max_new_tokens, do_sample=do_sample,
-                        temperature=temperature, seed=seed, truncate=truncate)
+                 min_new_tokens: int | None = None, do_sample: bool = False, temperature: float = 1.0,
+                 seed: int | None = None, truncate: bool = False) -> list[str]:
+        """Steered continuations (new text only), batched over prompts.
+
+        Runs through PyTorch hooks (`generate_hooked`): the same edits as `toolkit.tracing.generate`, without
+        an nnsight trace's per-token cost."""
+        return generate_hooked(model, prompts, self.edits(model), max_new_tokens=max_new_tokens,
+                               min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
+                               seed=seed, truncate=truncate)
 
     # ------------------------------------------------------------ code and items
 

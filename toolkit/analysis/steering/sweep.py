@@ -10,7 +10,7 @@ from toolkit.analysis.steering.spec import SteeringSpec, require_prompts
 from toolkit.analysis.table import Table
 from toolkit.errors import EmptyInputError
 from toolkit.progress import progress_bar
-from toolkit.tracing import generate
+from toolkit.tracing.hooked import generate_hooked
 
 if TYPE_CHECKING:
     from toolkit.models import Model
@@ -47,7 +47,7 @@ def sweep(model: Model, prompts: Sequence[str], spec: SteeringSpec, strengths: S
         for s, edits in zip(strengths, plans, strict=True):
             gens: list[str] = []
             for i in range(0, len(prompts), batch_size):
-                gens += generate(model, prompts[i:i + batch_size], edits, max_new_tokens=max_new_tokens,
+                gens += generate_hooked(model, prompts[i:i + batch_size], edits, max_new_tokens=max_new_tokens,
                                  do_sample=do_sample, seed=seed)
                 bar.update(len(prompts[i:i + batch_size]))
             scored = {k: list(fn(prompts, gens)) for k, fn in scores.items()}

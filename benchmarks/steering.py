@@ -5,7 +5,11 @@
    The nnsight-traced path (`toolkit.tracing.generate`) is printed for reference.
 2. A sweep (one batched generation per strength) against a loop of single-prompt generations.
 
-Run: .venv/bin/python benchmarks/steering.py [--batch 4] [--tokens 32] [--reps 3] [--threads 2]
+Times are CPU seconds of this process (time.process_time), with wall seconds beside them: on a shared
+machine the wall clock mostly measures the neighbours, CPU time measures the work. With --threads 1 (the
+default) CPU time is the compute itself; more threads add their spin-waits to it.
+
+Run: .venv/bin/python benchmarks/steering.py [--batch 4] [--tokens 16] [--reps 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -28,24 +32,27 @@ PROMPTS = ["Water boils at a temperature of", "The capital of France is", "My fa
            "The best way to learn a language is", "Our garden is full of"]
 
 
-def timed(cases: dict, reps: int) -> dict[str, float]:
+def timed(cases: dict, reps: int) -> dict[str, tuple[float, float]]:
+    """Median (CPU seconds, wall seconds) per case."""
     for fn in cases.values():
         fn()  # warm-up
-    times: dict[str, list[float]] = {k: [] for k in cases}
+    cpu: dict[str, list[float]] = {k: [] for k in cases}
+    wall: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(reps):  # interleaved, so load changes hit every case alike
         for k, fn in cases.items():
-            t = time.perf_counter()
+            c, t = time.process_time(), time.perf_counter()
             fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+            cpu[k].append(time.process_time() - c)
+            wall[k].append(time.perf_counter() - t)
+    return {k: (statistics.median(cpu[k]), statistics.median(wall[k])) for k in cases}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--layer", type=int, default=6)
     ap.add_argument("--d-sae", type=int, default=4096)
     args = ap.parse_args()
@@ -67,7 +74,6 @@ def main() -> None:
                                                        pad_token_id=model.tokenizer.pad_token_id),
         "steered: vector add": lambda: add.generate(model, prompts, **kw),
         "steered: SAE clamp": lambda: clamp.generate(model, prompts, **kw),
-        "nnsight trace, no edit": lambda: generate(model, prompts, max_new_tokens=n),
         "nnsight trace, vector add": lambda: generate(model, prompts, add.edits(model), max_new_tokens=n),
     }
     # the hooked path and the nnsight path apply the same edits: check before timing
@@ -77,11 +83,13 @@ def main() -> None:
     tok = n * len(prompts)
     print(f"model {model.name}, {site}, batch {len(prompts)} x {n} new tokens, {args.threads} threads, "
           f"median of {args.reps} (interleaved)")
-    for k, v in med.items():
-        print(f"  {k:28s} {v * 1e3 / tok:7.2f} ms/token  ({v:.2f} s)")
-    for k in ("steered: vector add", "steered: SAE clamp"):
-        r = med[k] / med["plain HF generate"]
-        print(f"{k}: {r:.3f}x plain HF generate per token (goal <= 1.15x) -> {'PASS' if r <= 1.15 else 'FAIL'}")
+    for k, (c, w) in med.items():
+        print(f"  {k:28s} {c * 1e3 / tok:7.2f} ms CPU/token   (wall {w * 1e3 / tok:7.2f} ms/token)")
+    for k in ("steered: vector add", "steered: SAE clamp", "nnsight trace, vector add"):
+        r = med[k][0] / med["plain HF generate"][0]
+        rw = med[k][1] / med["plain HF generate"][1]
+        print(f"{k}: {r:.3f}x plain HF generate per token in CPU time, {rw:.3f}x in wall time "
+              f"(goal <= 1.15x) -> {'PASS' if r <= 1.15 else 'FAIL'}")
 
     strengths = [0.0, 0.5, 1.0]
     loop_prompts = PROMPTS
@@ -93,9 +101,10 @@ def main() -> None:
     }
     med = timed(sw, max(1, args.reps - 1))
     print(f"sweep: {len(loop_prompts)} prompts x {len(strengths)} strengths x {n // 2} tokens")
-    for k, v in med.items():
-        print(f"  {k:28s} {v:7.2f} s")
-    print(f"sweep speed-up over the loop: {med['loop of single generations'] / med['sweep (batched per strength)']:.2f}x")
+    for k, (c, w) in med.items():
+        print(f"  {k:28s} {c:7.2f} s CPU   (wall {w:7.2f} s)")
+    loop, sw_ = med["loop of single generations"], med["sweep (batched per strength)"]
+    print(f"sweep speed-up over the loop: {loop[0] / sw_[0]:.2f}x in CPU time, {loop[1] / sw_[1]:.2f}x in wall time")
 
 
 if __name__ == "__main__":

@@ -72,6 +72,14 @@ def test_top_table_and_several_saes(tiny, sae):
     assert len(a.top(3, by_position=False)) == 3
 
 
+def test_works_with_gradients_off_globally(tiny, sae):
+    import torch
+
+    with torch.no_grad():
+        a = attribute(tiny, PROMPT, logprob(tiny, 5), saes=sae)
+    assert a.latents[SITE].abs().max() > 0
+
+
 def test_errors(tiny, sae):
     with pytest.raises(EmptyInputError, match="at least one SAE"):
         attribute(tiny, PROMPT, logprob(tiny, 5))

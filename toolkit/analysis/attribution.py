@@ -137,11 +137,12 @@ def attribute(model: Model, prompt: str | torch.Tensor, metric: Metric, *, saes:
     edits += [_site_splice(model, s, site_store) for s in sites if model.site(s).name not in seen]
     edits += [_site_splice(model, s, site_store) for s in sites if model.site(s).name in seen]
     logits, _ = run_with_edits(model, batch, edits, grad=True)
-    value = metric(logits[0])
-    if value.ndim != 0:
-        raise ValueError(f"metric must return a scalar, got shape {tuple(value.shape)}")
-    leaves = [z for _, z in lat_store.values()] + [z for _, z in site_store.values()]
-    grads = torch.autograd.grad(value, leaves, allow_unused=True)
+    with torch.enable_grad():  # notebooks often turn gradients off globally
+        value = metric(logits[0])
+        if value.ndim != 0:
+            raise ValueError(f"metric must return a scalar, got shape {tuple(value.shape)}")
+        leaves = [z for _, z in lat_store.values()] + [z for _, z in site_store.values()]
+        grads = torch.autograd.grad(value, leaves, allow_unused=True)
     g = iter(grads)
     latents, codes, site_attr = {}, {}, {}
     for name, (c, z) in lat_store.items():

@@ -246,3 +246,13 @@ def test_bad_inputs(tiny, sae, ctx, store, tmp_path, monkeypatch):
         build_feature_store(tiny, sae, ctx, tmp_path / "nan", batch_size=3, progress=False)
     with pytest.raises(CacheError, match="missing"):
         FeatureStore.open(tmp_path / "nowhere")
+
+
+def test_describe_is_plain_text(store):
+    i = int(np.argmax(store.density))
+    text = store.describe(i, n_contexts=2)
+    d = store.latent_details(i)
+    assert text.startswith(f"latent {i}: density") and "«" in text and repr(d["promoted"][0][0]) in text
+    assert text.count("\n    ") >= 2
+    with pytest.raises(FeatureIndexError):
+        store.describe(96)

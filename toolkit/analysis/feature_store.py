@@ -231,6 +231,27 @@ class FeatureStore:
         hits = np.array([i for i, t in enumerate(self._search_texts(by)) if q in t], dtype=np.int64)
         return hits[np.argsort(-self.max_act[hits], kind="stable")] if len(hits) else hits
 
+    def describe(self, latent: int, *, n_contexts: int = 3, n_tokens: int = 6) -> str:
+        """A plain-text summary of one latent: stats, logit lens, neighbours and its strongest contexts, with the
+        strongest token of each context in «guillemets»."""
+        d = self.latent_details(latent)
+
+        def ctx_line(c: dict[str, Any]) -> str:
+            k = int(np.argmax(c["acts"]))
+            text = "".join(f"«{t}»" if j == k else t for j, t in enumerate(c["tokens"])).replace("\n", "⏎")
+            return f"    {c['acts'][k]:8.2f}  {text}"
+
+        toks = ", ".join(repr(t) for t, _ in d["promoted"][:n_tokens])
+        down = ", ".join(repr(t) for t, _ in d["suppressed"][:n_tokens])
+        near = ", ".join(f"{j} ({c:.2f})" for j, c in d["neighbours"][:3])
+        lines = [f"latent {d['latent']}: density {d['density']:.3%}, max act {d['max_act']:.3g}",
+                 f"  promotes {toks}", f"  suppresses {down}", f"  nearest latents {near}", "  top contexts:"]
+        lines += [ctx_line(c) for c in d["top"][:n_contexts]]
+        if d["quantiles"]:
+            q = d["quantiles"][-1]
+            lines += [f"  weakest band ({q['label']}):"] + [ctx_line(c) for c in q["examples"][:1]]
+        return "\n".join(lines)
+
     def __repr__(self) -> str:
         m = self.meta
         dead = int((self.density == 0).sum())

@@ -175,6 +175,9 @@ def test_resume_after_an_interrupted_build_equals_an_uninterrupted_one(tiny, sae
     assert build_feature_store(tiny, sae, ctx, tmp_path, settings=SETTINGS, progress=False).folder == tmp_path
     with pytest.raises(CacheError, match="other settings"):
         build_feature_store(tiny, sae, ctx, tmp_path, settings=StoreSettings(top_k=2), progress=False)
+    other = SAE.from_config(sae.cfg, seed=1)  # same name, other weights
+    with pytest.raises(CacheError, match="SAE weights"):
+        build_feature_store(tiny, other, ctx, tmp_path, settings=SETTINGS, progress=False)
 
 
 def test_partial_build_with_other_settings_is_refused(tiny, sae, ctx, tmp_path, monkeypatch):

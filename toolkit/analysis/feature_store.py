@@ -8,6 +8,7 @@ with per-token activations, never as strings; a small vocabulary file maps the i
 
 from __future__ import annotations
 
+import hashlib
 import io
 import time
 from pathlib import Path
@@ -67,13 +68,15 @@ def build_feature_store(model: Any, sae: Any, contexts: torch.Tensor, folder: st
     s = sae.check_compatible(model, site or sae.cfg.site)
     folder = Path(folder)
     n, ctx_len = contexts.shape
+    sae_key = hashlib.sha256(sae.W_dec.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
     meta = {"format": FORMAT, "model": getattr(model, "name", ""), "site": s.name, "sae": sae.name,
+            "sae_fingerprint": sae_key,
             "d_sae": sae.d_sae, "n_contexts": n, "ctx_len": ctx_len, "fingerprint": contexts_fingerprint(contexts),
             "settings": settings.to_json()}
     if (folder / MANIFEST).exists():
         done = read_json(folder / META, "feature store meta")
         if {k: done.get(k) for k in meta} != meta:
-            raise CacheError(f"{folder}: holds a feature store built with other settings or tokens; "
+            raise CacheError(f"{folder}: holds a feature store built with other settings, tokens or SAE weights; "
                              "open it with FeatureStore.open, or build into another folder")
         return FeatureStore.open(folder)
     if batch_size is None:

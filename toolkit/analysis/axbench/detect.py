@@ -86,14 +86,22 @@ class ConceptDetection:
 
 
 def detect_concept(model: Any, sae: Any, concept: Concept, *, site: str | None = None, seed: int = 0,
-                   batch_size: int = 8) -> ConceptDetection:
-    """Fit every detector on `concept`'s training texts and score its held-out texts."""
+                   batch_size: int = 8, memo: dict[Any, list[torch.Tensor]] | None = None) -> ConceptDetection:
+    """Fit every detector on `concept`'s training texts and score its held-out texts.
+
+    `memo` (a dict the caller keeps) reuses activations of text sets seen before, e.g. shared negatives."""
     from sklearn.metrics import roc_auc_score
 
     s = sae.check_compatible(model, site or sae.cfg.site).name
-    pos = text_token_acts(model, s, concept.train_positive, batch_size=batch_size)
-    neg = text_token_acts(model, s, concept.train_negative, batch_size=batch_size)
-    held = text_token_acts(model, s, concept.eval_texts, batch_size=batch_size)
+    memo = {} if memo is None else memo
+
+    def acts(texts: Sequence[str]) -> list[torch.Tensor]:
+        key = (s, tuple(texts))
+        if key not in memo:
+            memo[key] = text_token_acts(model, s, texts, batch_size=batch_size)
+        return memo[key]
+
+    pos, neg, held = acts(concept.train_positive), acts(concept.train_negative), acts(concept.eval_texts)
     diff = torch.cat(pos).mean(0) - torch.cat(neg).mean(0)
     X = torch.cat(pos + neg)
     y = np.r_[np.ones(sum(map(len, pos)), int), np.zeros(sum(map(len, neg)), int)]
@@ -128,5 +136,6 @@ def detect_all(model: Any, sae: Any, concepts: Sequence[Concept], *, site: str |
     """`detect_concept` for every concept, with a progress bar."""
     if not concepts:
         raise EmptyInputError("no concepts given; use load_concepts()")
-    return [detect_concept(model, sae, c, site=site, seed=seed, batch_size=batch_size)
+    memo: dict[Any, list[torch.Tensor]] = {}  # the shared negatives are read once
+    return [detect_concept(model, sae, c, site=site, seed=seed, batch_size=batch_size, memo=memo)
             for c in progress_bar(concepts, desc="AxBench detection", enabled=progress)]

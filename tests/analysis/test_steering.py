@@ -116,7 +116,7 @@ def test_positions(tiny):
     out = gen_only.generate(tiny, prompts, max_new_tokens=6)
     ids = [tiny.tokenizer(o)["input_ids"] for o in out]
     ref = [tiny.tokenizer(o)["input_ids"] for o in plain]
-    assert all(a[:1] == b[:1] for a, b in zip(ids, ref))  # the first new token comes from the prompt pass
+    assert all(a[:1] == b[:1] for a, b in zip(ids, ref, strict=True))  # the first new token comes from the prompt pass
     assert out != plain
     prompt_only = SteeringSpec([VectorSteer(v, SITE, "add", 1.0, positions="prompt")])
     everywhere = SteeringSpec([VectorSteer(v, SITE, "add", 1.0)])

@@ -144,14 +144,38 @@ def feature_density(sae: SAE, model: Model, contexts: torch.Tensor, *, site: str
     return fires / max(n, 1)
 
 
+def logit_lens_ids(sae: SAE, model: Model, features: Sequence[int] | None = None, *, k: int = 10,
+                   latent_chunk: int = 512, vocab_chunk: int = 16384) -> tuple[torch.Tensor, ...]:
+    """Top-k promoted and suppressed token ids and scores for many features at once (all when `features` is None).
+
+    Returns (promoted_ids, promoted_scores, suppressed_ids, suppressed_scores), each (n_features, k); suppressed
+    scores are the (negative) raw scores. Chunked over latents and vocabulary, so no (n, vocab) matrix is held.
+    """
+    feats = torch.arange(sae.d_sae) if features is None else torch.tensor([sae.check_feature(f) for f in features],
+                                                                           dtype=torch.long)
+    W_U = model.hf.get_output_embeddings().weight  # (vocab, d_model)
+    vocab = W_U.shape[0]
+    k = min(k, vocab)
+    outs: list[list[torch.Tensor]] = [[], [], [], []]
+    with torch.no_grad():
+        for lo in range(0, len(feats), latent_chunk):
+            dirs = (sae.W_dec[feats[lo:lo + latent_chunk]] / sae.input_scale).float().to(W_U.device)
+            best = [torch.full((len(dirs), 0), 0.0), torch.zeros((len(dirs), 0), dtype=torch.long)] * 2
+            for v0 in range(0, vocab, vocab_chunk):
+                scores = (dirs @ W_U[v0:v0 + vocab_chunk].float().T).cpu()  # (chunk, vchunk)
+                for j, sign in ((0, 1.0), (2, -1.0)):
+                    vals = torch.cat([best[j], sign * scores], 1)
+                    ids = torch.cat([best[j + 1], torch.arange(v0, v0 + scores.shape[1]).expand_as(scores)], 1)
+                    top, where = vals.topk(min(k, vals.shape[1]), dim=1)
+                    best[j], best[j + 1] = top, ids.gather(1, where)
+            for o, t in zip(outs, (best[1], best[0], best[3], -best[2]), strict=True):
+                o.append(t)
+    return tuple(torch.cat(o) for o in outs)
+
+
 def logit_lens(sae: SAE, model: Model, feature: int, *, k: int = 10) -> dict[str, list[tuple[str, float]]]:
     """Tokens whose unembedding aligns most (and least) with the feature's decoder direction."""
-    f = sae.check_feature(feature)
-    W_U = model.hf.get_output_embeddings().weight  # (vocab, d_model)
-    with torch.no_grad():
-        direction = (sae.W_dec[f] / sae.input_scale).to(W_U.device, W_U.dtype)
-        scores = (W_U @ direction).float().cpu()
-    top, bottom = scores.topk(k), (-scores).topk(k)
+    up_ids, up, down_ids, down = logit_lens_ids(sae, model, [feature], k=k)
     dec = model.tokenizer.decode
-    return {"promoted": [(dec([int(i)]), float(v)) for v, i in zip(top.values, top.indices, strict=True)],
-            "suppressed": [(dec([int(i)]), float(-v)) for v, i in zip(bottom.values, bottom.indices, strict=True)]}
+    return {"promoted": [(dec([int(i)]), float(v)) for v, i in zip(up[0], up_ids[0], strict=True)],
+            "suppressed": [(dec([int(i)]), float(v)) for v, i in zip(down[0], down_ids[0], strict=True)]}

@@ -1,0 +1,151 @@
+// Steering panel (after _common.js). The root's dataset mirrors: data-ready, data-busy, data-differs.
+
+const METHODS = { latent: ["add", "clamp", "scale", "ablate"], vector: ["add", "project_out", "cap"] };
+const POSITIONS = ["all", "prompt", "generated"];
+
+function words(text) { return text.match(/\s+|\w+|[^\s\w]/gu) || []; }
+
+// Longest common subsequence over word tokens: which tokens of each text are not shared.
+function tokenDiff(a, b) {
+  const n = a.length, m = b.length;
+  const L = Array.from({ length: n + 1 }, () => new Uint16Array(m + 1));
+  for (let i = n - 1; i >= 0; i--)
+    for (let j = m - 1; j >= 0; j--) L[i][j] = a[i] === b[j] ? L[i + 1][j + 1] + 1 : Math.max(L[i + 1][j], L[i][j + 1]);
+  const sameA = new Array(n).fill(false), sameB = new Array(m).fill(false);
+  let i = 0, j = 0;
+  while (i < n && j < m) {
+    if (a[i] === b[j]) { sameA[i++] = true; sameB[j++] = true; }
+    else if (L[i + 1][j] >= L[i][j + 1]) i++;
+    else j++;
+  }
+  return { sameA, sameB };
+}
+
+function textPane(title, toks, same, cls) {
+  const body = h("div", { class: `tk-gen ${cls}` });
+  toks.forEach((t, i) => {
+    body.append(same[i] || !t.trim() ? document.createTextNode(t) : h("mark", { class: "tk-changed", text: t }));
+  });
+  return h("div", { class: "tk-pane" }, h("h4", { text: title }), body);
+}
+
+function itemRow(item, k, update, remove) {
+  const step = (item.max - item.min) / 200;
+  const slider = h("input", { type: "range", class: "tk-strength-slider", min: item.min, max: item.max, step,
+                              value: item.strength, "aria-label": `strength of ${item.name}` });
+  const box = h("input", { type: "number", class: "tk-strength-box", step: "any", value: item.strength,
+                           "aria-label": `strength value of ${item.name}` });
+  slider.addEventListener("input", () => { box.value = slider.value; });
+  slider.addEventListener("change", () => update(k, { strength: Number(slider.value) }));
+  box.addEventListener("change", () => {
+    const v = Number(box.value);
+    if (Number.isFinite(v)) update(k, { strength: v, min: Math.min(item.min, v), max: Math.max(item.max, v) });
+  });
+  const method = h("select", { class: "tk-method", "aria-label": "method" },
+    ...METHODS[item.kind].map((m) => h("option", { value: m, text: m, selected: m === item.method })));
+  method.addEventListener("change", () => update(k, { method: method.value }));
+  const pos = h("select", { class: "tk-positions", "aria-label": "positions" },
+    ...POSITIONS.map((p) => h("option", { value: p, text: p, selected: p === item.positions })));
+  pos.addEventListener("change", () => update(k, { positions: pos.value }));
+  return h("div", { class: "tk-item", "data-kind": item.kind, "data-index": k },
+    h("span", { class: `tk-kind tk-kind-${item.kind}`, text: item.kind }),
+    h("span", { class: "tk-name", title: item.site, text: item.kind === "latent" ? `#${item.name}` : item.name }),
+    h("span", { class: "tk-site tk-muted", text: item.site }),
+    slider, box, method, pos,
+    h("button", { class: "tk-remove", title: "remove", text: "✕", onclick: () => remove(k) }));
+}
+
+function render({ model, el }) {
+  const { call, dispose } = rpc(model);
+  const root = h("div", { class: "tk-root tk-steer" });
+  const rows = h("div", { class: "tk-items" });
+  const prompt = h("textarea", { class: "tk-prompt", rows: 2, placeholder: "Prompt", "aria-label": "prompt" });
+  const gen = h("button", { class: "tk-generate", text: "Generate" });
+  const cancel = h("button", { class: "tk-cancel", text: "Cancel", disabled: true });
+  const sweepBtn = h("button", { class: "tk-sweep-run", text: "Sweep" });
+  const sweepIn = h("input", { class: "tk-sweep-in", "aria-label": "sweep strengths" });
+  const codeBtn = h("button", { class: "tk-copy-code", text: "Copy as code" });
+  const status = h("span", { class: "tk-status tk-muted" });
+  const err = h("div", { class: "tk-err-box" });
+  const out = h("div", { class: "tk-outputs" });
+  const sweepBox = h("div", { class: "tk-sweep" });
+  const codeBox = h("pre", { class: "tk-code", hidden: true });
+
+  const items = () => model.get("items").map((i) => ({ ...i }));
+  const save = (list) => { model.set("items", list); model.save_changes(); };
+  const update = (k, patch) => { const l = items(); Object.assign(l[k], patch); save(l); };
+  const remove = (k) => { const l = items(); l.splice(k, 1); save(l); };
+  const drawItems = () => {
+    const l = model.get("items");
+    rows.replaceChildren(...l.map((it, k) => itemRow(it, k, update, remove)));
+    if (!l.length) rows.append(h("div", { class: "tk-muted", text: "No steer items: add latents from a feature explorer." }));
+  };
+  const drawBusy = () => {
+    const busy = model.get("busy");
+    root.dataset.busy = busy ? "1" : "0";
+    gen.disabled = busy; sweepBtn.disabled = busy || !model.get("has_sweep"); cancel.disabled = !busy;
+    status.textContent = busy ? `${model.get("status")} ` : model.get("status");
+    status.classList.toggle("tk-spin", busy);
+  };
+  const drawResult = () => {
+    const r = model.get("result") || {};
+    if (r.steered === undefined) { out.replaceChildren(); delete root.dataset.differs; return; }
+    const a = words(r.unsteered), b = words(r.steered);
+    const { sameA, sameB } = tokenDiff(a, b);
+    out.replaceChildren(textPane("Unsteered", a, sameA, "tk-unsteered"), textPane("Steered", b, sameB, "tk-steered"));
+    root.dataset.differs = r.unsteered === r.steered ? "0" : "1";
+  };
+  const drawError = () => {
+    const e = model.get("error");
+    err.replaceChildren(...(e ? [errorBox(e)] : []));
+  };
+  const drawSweep = () => {
+    const r = model.get("sweep_rows");
+    if (!r.length) { sweepBox.replaceChildren(); return; }
+    const cols = Object.keys(r[0]);
+    sweepBox.replaceChildren(h("table", { class: "tk-table tk-sweep-table" },
+      h("thead", {}, h("tr", {}, ...cols.map((c) => h("th", { text: c })))),
+      h("tbody", {}, ...r.map((row) => h("tr", {}, ...cols.map((c) =>
+        h("td", { class: typeof row[c] === "number" ? "tk-num" : "", text: typeof row[c] === "number" ? fmt(row[c]) : String(row[c]) })))))));
+  };
+  const drawPrompt = () => { if (prompt.value !== model.get("prompt")) prompt.value = model.get("prompt"); };
+  const drawStrengths = () => { sweepIn.value = model.get("sweep_strengths").join(", "); };
+
+  prompt.addEventListener("change", () => { model.set("prompt", prompt.value); model.save_changes(); });
+  const guard = (p) => p.catch((e) => err.replaceChildren(errorBox(e.message)));
+  gen.addEventListener("click", () => {
+    model.set("prompt", prompt.value); model.save_changes();
+    guard(call("generate"));
+  });
+  cancel.addEventListener("click", () => guard(call("cancel")));
+  sweepBtn.addEventListener("click", () => {
+    const vals = sweepIn.value.split(/[,\s]+/).filter(Boolean).map(Number);
+    if (!vals.length || vals.some((v) => !Number.isFinite(v))) { err.replaceChildren(errorBox("sweep strengths: numbers separated by commas")); return; }
+    model.set("prompt", prompt.value); model.set("sweep_strengths", vals); model.save_changes();
+    guard(call("sweep"));
+  });
+  codeBtn.addEventListener("click", () => guard(call("code").then((r) => {
+    codeBox.hidden = false;
+    codeBox.textContent = r.code;
+    if (navigator.clipboard) navigator.clipboard.writeText(r.code).catch(() => {});
+    status.textContent = "code copied (also shown below)";
+  })));
+  codeBtn.disabled = !model.get("has_code");
+
+  const handlers = { "change:items": drawItems, "change:busy": drawBusy, "change:status": drawBusy,
+                     "change:result": drawResult, "change:error": drawError, "change:sweep_rows": drawSweep,
+                     "change:prompt": drawPrompt, "change:sweep_strengths": drawStrengths };
+  for (const [ev, fn] of Object.entries(handlers)) model.on(ev, fn);
+  root.append(h("div", { class: "tk-title", text: "Steering" }), rows,
+    h("div", { class: "tk-controls" }, prompt,
+      h("div", { class: "tk-buttons" }, gen, cancel, status)),
+    err, out,
+    h("div", { class: "tk-controls" }, h("span", { class: "tk-muted", text: "sweep strengths" }), sweepIn, sweepBtn, codeBtn),
+    sweepBox, codeBox);
+  el.append(root);
+  drawItems(); drawBusy(); drawResult(); drawError(); drawSweep(); drawPrompt(); drawStrengths();
+  root.dataset.ready = "1";
+  return () => { for (const [ev, fn] of Object.entries(handlers)) model.off(ev, fn); dispose(); };
+}
+
+export default { render };

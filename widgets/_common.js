@@ -209,3 +209,12 @@ class VirtualList {
 function errorBox(message) {
   return h("div", { class: "tk-error", role: "alert", text: message });
 }
+
+// Keys typed inside a widget are the widget's: JupyterLab (bubbling keydown) would otherwise treat j/k, arrows
+// and letters as notebook commands. Shift+Enter still runs the cell; Escape still leaves the widget.
+function ownKeys(root) {
+  root.addEventListener("keydown", (e) => {
+    if ((e.key === "Enter" && e.shiftKey) || e.key === "Escape") return;
+    e.stopPropagation();
+  });
+}

@@ -45,7 +45,7 @@ function detailsView(d, { onLatent, onSteer, canSteer }) {
   const head = h("div", { class: "tk-fx-head" },
     h("b", { text: `Latent #${d.latent}` }),
     h("span", { class: "tk-muted", text: ` density ${fmt(d.density)} · max ${fmt(d.max_act)}` }));
-  if (canSteer) head.append(h("button", { class: "tk-steer", text: "Steer with this latent", onclick: () => onSteer(d.latent) }));
+  if (canSteer) head.append(h("button", { class: "tk-steer-btn", text: "Steer with this latent", onclick: () => onSteer(d.latent) }));
   const hist = d.hist.counts.length
     ? histogram({ edges: d.hist.edges, counts: d.hist.counts, label: `activation histogram of latent ${d.latent}`, cls: "tk-act-hist" })
     : h("div", { class: "tk-muted", text: "no activations" });
@@ -103,6 +103,7 @@ function render({ model, el }) {
   const st = { base: null, filter: "all", range: null, sort: "index", order: null, selectStart: 0 };
 
   const root = h("div", { class: "tk-root tk-fx" });
+  ownKeys(root);
   const count = h("span", { class: "tk-count" });
   const search = h("input", { class: "tk-search", type: "search", placeholder: "search…", "aria-label": "search latents" });
   const by = h("select", { class: "tk-search-by", "aria-label": "search by" },

@@ -3,13 +3,17 @@
 
 const CLASS_VARS = ["--tk-c0", "--tk-c1", "--tk-c2", "--tk-c3", "--tk-c4", "--tk-c5"];
 
-function robustRange(values, keep) {
+// Axis range over the valid values: all of them, unless a few outliers would squeeze the rest (then the
+// 0.5–99.5% range, with outliers drawn on the border); always includes 0 and 1 (the ratios' landmarks).
+function axisRange(values, keep) {
   const v = [];
   for (let i = 0; i < values.length; i++) if (keep[i]) v.push(values[i]);
   if (!v.length) return [0, 1];
   v.sort((a, b) => a - b);
   const q = (p) => v[Math.min(v.length - 1, Math.max(0, Math.round(p * (v.length - 1))))];
-  let lo = Math.min(0, q(0.005)), hi = Math.max(1, q(0.995));
+  const span = (a, b) => Math.max(b, 1) - Math.min(a, 0);
+  const robust = span(q(0.005), q(0.995)) * 3 < span(v[0], v[v.length - 1]);
+  const lo = Math.min(0, robust ? q(0.005) : v[0]), hi = Math.max(1, robust ? q(0.995) : v[v.length - 1]);
   const pad = (hi - lo) * 0.04;
   return [lo - pad, hi + pad];
 }
@@ -56,7 +60,7 @@ function scatter({ x, y, valid, kind, artifact, onPick, width = 360, height = 26
   canvas.style.width = `${width}px`;
   canvas.style.height = `${height}px`;
   const pad = 28;
-  const [x0, x1] = robustRange(x, valid), [y0, y1] = robustRange(y, valid);
+  const [x0, x1] = axisRange(x, valid), [y0, y1] = axisRange(y, valid);
   Object.assign(canvas.dataset, { x0, x1, y0, y1, pad, w: width, h: height });
   const px = (v) => pad + ((Math.min(x1, Math.max(x0, v)) - x0) / (x1 - x0)) * (width - 2 * pad);
   const py = (v) => height - pad - ((Math.min(y1, Math.max(y0, v)) - y0) / (y1 - y0)) * (height - 2 * pad);
@@ -74,8 +78,12 @@ function scatter({ x, y, valid, kind, artifact, onPick, width = 360, height = 26
     ctx.clearRect(0, 0, width, height);
     ctx.strokeStyle = c.axis; ctx.fillStyle = c.axis; ctx.lineWidth = 1; ctx.font = "10px sans-serif";
     ctx.strokeRect(pad, pad, width - 2 * pad, height - 2 * pad);
-    ctx.fillText(`ν_ε  ${fmt(x0, 2)} … ${fmt(x1, 2)}`, pad, height - 8);
-    ctx.save(); ctx.translate(10, height - pad); ctx.rotate(-Math.PI / 2); ctx.fillText(`ν_r  ${fmt(y0, 2)} … ${fmt(y1, 2)}`, 0, 0); ctx.restore();
+    ctx.textAlign = "left"; ctx.fillText(fmt(x0, 2), pad, height - pad + 12);
+    ctx.textAlign = "right"; ctx.fillText(fmt(x1, 2), width - pad, height - pad + 12);
+    ctx.textAlign = "center"; ctx.fillText("ν_ε (error)", width / 2, height - 4);
+    ctx.textAlign = "right"; ctx.fillText(fmt(y0, 2), pad - 3, height - pad); ctx.fillText(fmt(y1, 2), pad - 3, pad + 8);
+    ctx.save(); ctx.translate(10, height / 2); ctx.rotate(-Math.PI / 2); ctx.textAlign = "center";
+    ctx.fillText("ν_r (recon)", 0, 0); ctx.restore(); ctx.textAlign = "left";
     for (let pass = 0; pass < 2; pass++) {
       for (let i = 0; i < x.length; i++) {
         if (!valid[i] || (visible[i] ? pass === 0 : pass === 1)) continue;
@@ -135,6 +143,7 @@ function render({ model, el }) {
   let order = new Int32Array(0);
 
   const root = h("div", { class: "tk-root tk-diff" });
+  ownKeys(root);
   const counts = names.map((_, k) => kind.reduce((a, v) => a + (v === k ? 1 : 0), 0));
   const nArt = art.reduce((a, v) => a + v, 0);
   const chipFor = (name, c, k) => {
@@ -176,7 +185,7 @@ function render({ model, el }) {
     const pos = order.indexOf(model.get("selected"));
     choose(order[Math.min(order.length - 1, Math.max(0, pos < 0 ? 0 : pos + step))]);
   });
-  const header = h("div", { class: "tk-row tk-head" }, ...["latent", "class", "norm diff", "ν_ε", "ν_r", "freq"].map((t) => h("span", { text: t })));
+  const header = h("div", { class: "tk-row tk-head" }, ...["latent", "class", "Δnorm", "ν_ε", "ν_r", "freq"].map((t) => h("span", { text: t })));
 
   function refilter() {
     const b = model.get("brush"), on = new Set(model.get("classes"));

@@ -47,17 +47,27 @@ function itemRow(item, k, update, remove) {
   const pos = h("select", { class: "tk-positions", "aria-label": "positions" },
     ...POSITIONS.map((p) => h("option", { value: p, text: p, selected: p === item.positions })));
   pos.addEventListener("change", () => update(k, { positions: pos.value }));
-  return h("div", { class: "tk-item", "data-kind": item.kind, "data-index": k },
+  const el = h("div", { class: "tk-item", "data-kind": item.kind, "data-index": k },
     h("span", { class: `tk-kind tk-kind-${item.kind}`, text: item.kind }),
     h("span", { class: "tk-name", title: item.site, text: item.kind === "latent" ? `#${item.name}` : item.name }),
     h("span", { class: "tk-site tk-muted", text: item.site }),
     slider, box, method, pos,
     h("button", { class: "tk-remove", title: "remove", text: "✕", onclick: () => remove(k) }));
+  // Patch values in place (a re-render would drop focus while the user drags or types).
+  const set = (it) => {
+    item = it;
+    slider.min = it.min; slider.max = it.max; slider.step = (it.max - it.min) / 200;
+    if (Number(slider.value) !== it.strength) slider.value = it.strength;
+    if (document.activeElement !== box && Number(box.value) !== it.strength) box.value = it.strength;
+    method.value = it.method; pos.value = it.positions;
+  };
+  return { el, set, key: `${item.kind}:${item.name}:${item.site}` };
 }
 
 function render({ model, el }) {
   const { call, dispose } = rpc(model);
   const root = h("div", { class: "tk-root tk-steer" });
+  ownKeys(root);
   const rows = h("div", { class: "tk-items" });
   const prompt = h("textarea", { class: "tk-prompt", rows: 2, placeholder: "Prompt", "aria-label": "prompt" });
   const gen = h("button", { class: "tk-generate", text: "Generate" });
@@ -75,9 +85,16 @@ function render({ model, el }) {
   const save = (list) => { model.set("items", list); model.save_changes(); };
   const update = (k, patch) => { const l = items(); Object.assign(l[k], patch); save(l); };
   const remove = (k) => { const l = items(); l.splice(k, 1); save(l); };
+  let rowViews = [];
   const drawItems = () => {
     const l = model.get("items");
-    rows.replaceChildren(...l.map((it, k) => itemRow(it, k, update, remove)));
+    const keys = l.map((it) => `${it.kind}:${it.name}:${it.site}`);
+    if (keys.length === rowViews.length && keys.every((k, i) => k === rowViews[i].key)) {
+      l.forEach((it, k) => rowViews[k].set(it));
+      return;
+    }
+    rowViews = l.map((it, k) => itemRow(it, k, update, remove));
+    rows.replaceChildren(...rowViews.map((r) => r.el));
     if (!l.length) rows.append(h("div", { class: "tk-muted", text: "No steer items: add latents from a feature explorer." }));
   };
   const drawBusy = () => {

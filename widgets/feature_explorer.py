@@ -65,6 +65,7 @@ class FeatureExplorer(Widget):
         self._details, self._search, self._text_fn = details, search, text_fn
         self._steering: Any = None
         self._steer_defaults: dict[str, Any] = {}
+        self._steer_extra: dict[str, Any] = {}
         super().__init__(max_bytes=max_bytes)
         self._check_state_size(dens, mx, extra=sum(len(x) + 3 for x in labels))
         with self.hold_sync():
@@ -97,14 +98,17 @@ class FeatureExplorer(Widget):
         """Show `latent` in the page (same as setting `selected`)."""
         self.selected = latent
 
-    def link_steering(self, panel: Any, *, site: str, strength: float = 50.0, min: float = -200.0,
-                      max: float = 200.0, method: str = "add", positions: str = "all") -> None:
-        """Let "steer with this latent" add the selected latent to `panel` (a SteeringPanel) at `site`."""
+    def link_steering(self, panel: Any, *, site: str, strength: float = 1.0, min: float = -2.0, max: float = 2.0,
+                      method: str = "add", positions: str = "all", **extra: Any) -> None:
+        """Let "steer with this latent" add the selected latent to `panel` (a SteeringPanel) as item
+        {"kind": "latent", "name": "<site>/<latent>", "latent": ..., "site": site, ...}; `extra` keys (e.g.
+        sae="<name>" for SteeringSpec.from_items) are added to the item."""
         if not hasattr(panel, "add_item"):
             raise TypeError(f"panel must be a SteeringPanel (has add_item), got {type(panel).__name__}")
         self._steering = panel
         self._steer_defaults = {"site": site, "strength": strength, "min": min, "max": max, "method": method,
                                 "positions": positions}
+        self._steer_extra = extra
         self.can_steer = True
 
     # ---- answers to the page ------------------------------------------------------------------------
@@ -153,6 +157,8 @@ class FeatureExplorer(Widget):
         if self._steering is None:
             raise ValueError("no steering panel linked: call explorer.link_steering(panel, site=...)")
         latent = check_latent(msg.get("latent"), self.n_latents)
-        self._steering.add_item({"kind": "latent", "name": str(latent), **self._steer_defaults})
+        site = self._steer_defaults["site"]
+        self._steering.add_item({"kind": "latent", "name": f"{site}/{latent}", "latent": latent, **self._steer_defaults,
+                                 **self._steer_extra})
         return {"latent": latent, "items": len(self._steering.items)}
 

@@ -49,7 +49,7 @@ function itemRow(item, k, update, remove) {
   pos.addEventListener("change", () => update(k, { positions: pos.value }));
   const el = h("div", { class: "tk-item", "data-kind": item.kind, "data-index": k },
     h("span", { class: `tk-kind tk-kind-${item.kind}`, text: item.kind }),
-    h("span", { class: "tk-name", title: item.site, text: item.kind === "latent" ? `#${item.name}` : item.name }),
+    h("span", { class: "tk-name", title: item.name, text: item.kind === "latent" && item.latent !== undefined ? `#${item.latent}` : item.name }),
     h("span", { class: "tk-site tk-muted", text: item.site }),
     slider, box, method, pos,
     h("button", { class: "tk-remove", title: "remove", text: "✕", onclick: () => remove(k) }));

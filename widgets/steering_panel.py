@@ -23,7 +23,8 @@ POSITIONS = ("all", "prompt", "generated")
 
 def check_item(item: Any) -> dict:
     """A steer item dict (see CONTRACT) checked and completed: kind, name, site, finite strength within
-    [min, max], a method valid for the kind, positions."""
+    [min, max], a method valid for the kind, positions. Other keys (e.g. a spec's "latent", "sae", "unit") are
+    kept when they are plain values."""
     if not isinstance(item, dict):
         raise TypeError(f"a steer item must be a dict, got {type(item).__name__}")
     kind = item.get("kind")
@@ -34,10 +35,7 @@ def check_item(item: Any) -> dict:
     if not out["name"] or not out["site"]:
         raise ValueError(f"a steer item needs a name and a site, got {item!r}")
     for key, default in (("strength", 0.0), ("min", -100.0), ("max", 100.0)):
-        v = item.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise PayloadError(f"item {out['name']!r}: {key} must be a finite number, got {v!r}")
-        out[key] = float(v)
+        out[key] = _finite(item.get(key, default), f"item {out['name']!r}: {key}")
     if out["min"] >= out["max"]:
         raise ValueError(f"item {out['name']!r}: min ({out['min']}) must be below max ({out['max']})")
     if out["method"] not in METHODS[kind]:
@@ -45,7 +43,22 @@ def check_item(item: Any) -> dict:
                          f"got {out['method']!r}")
     if out["positions"] not in POSITIONS:
         raise ValueError(f"item {out['name']!r}: positions must be one of {POSITIONS}, got {out['positions']!r}")
+    for key, v in item.items():
+        if key in out:
+            continue
+        if isinstance(v, float):
+            v = _finite(v, f"item {out['name']!r}: {key}")
+        elif not (v is None or isinstance(v, (str, int, bool))):
+            raise TypeError(f"item {out['name']!r}: {key} must be a plain value (str/number/bool), got "
+                            f"{type(v).__name__}")
+        out[str(key)] = v
     return out
+
+
+def _finite(v: Any, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise PayloadError(f"{what} must be a finite number, got {v!r}")
+    return float(v)
 
 
 def _takes_cancel(fn: Callable) -> bool:
@@ -98,17 +111,39 @@ class SteeringPanel(Widget):
             self.has_code, self.has_sweep = to_code is not None, sweep is not None
 
     @classmethod
-    def from_spec(cls, spec: Any, generate: Callable[..., dict], *, vectors: Any = None, saes: Any = None,
+    def from_spec(cls, spec: Any, model: Any, *, vectors: Any = None, saes: Any = None, max_new_tokens: int = 20,
                   **kwargs: Any) -> SteeringPanel:
-        """A panel over a steering spec (anything with `to_items()`, `from_items(items, vectors=, saes=)` and
-        `to_code()`); copy-as-code rebuilds the spec from the panel's items and returns its code."""
-        if not hasattr(spec, "to_items") or not hasattr(type(spec), "from_items"):
-            raise TypeError(f"from_spec needs a steering spec with to_items()/from_items(); got {type(spec).__name__}")
+        """A panel over a steering spec (toolkit.analysis.steering.SteeringSpec or anything with `to_items()`,
+        `from_items(items, vectors=, saes=)`, `generate(model, prompts, max_new_tokens=)` and `to_code(prompt=,
+        max_new_tokens=)`): Generate runs the spec rebuilt from the panel's items on `model` (greedy, so the
+        copied code gives the same text); the sweep varies the first item's strength."""
+        spec_cls = type(spec)
+        for attr in ("to_items", "from_items", "generate", "to_code"):
+            if not hasattr(spec_cls, attr):
+                raise TypeError(f"from_spec needs a steering spec with {attr}(); got {spec_cls.__name__}")
+        vectors = spec.vectors() if vectors is None and hasattr(spec, "vectors") else vectors
+        saes = spec.saes() if saes is None and hasattr(spec, "saes") else saes
+
+        def build(items: list[dict]) -> Any:
+            return spec_cls.from_items(items, vectors=vectors, saes=saes)
+
+        def run(items: list[dict], prompt: str) -> str:
+            return build(items).generate(model, [prompt], max_new_tokens=max_new_tokens)[0]
+
+        def generate(items: list[dict], prompt: str) -> dict:
+            return {"unsteered": run([], prompt), "steered": run(items, prompt)}
 
         def to_code(items: list[dict], prompt: str) -> str:
-            return type(spec).from_items(items, vectors=vectors, saes=saes).to_code()
+            return build(items).to_code(prompt=prompt, max_new_tokens=max_new_tokens)
+
+        def sweep(items: list[dict], prompt: str, strengths: list[float]) -> list[dict]:
+            if not items:
+                raise ValueError("add a steer item before sweeping")
+            return [{"strength": s, items[0]["name"]: run([{**items[0], "strength": s}, *items[1:]], prompt)}
+                    for s in strengths]
 
         kwargs.setdefault("to_code", to_code)
+        kwargs.setdefault("sweep", sweep)
         return cls(spec.to_items(), generate, **kwargs)
 
     def __repr__(self) -> str:

@@ -70,7 +70,7 @@ NOTEBOOK_CELLS = [
         return B.fake_generate(items, prompt, delay=slow["delay"], cancel=cancel)
     panel = SteeringPanel(B.STEER_ITEMS, gen, to_code=B.fake_to_code, sweep=B.fake_sweep, prompt="Once upon a time")
     fx = FeatureExplorer.from_store(store, text_fn=store.text_fn, title="Fixture SAE (65,536 latents)")
-    fx.link_steering(panel, site="resid_post.6", strength=40.0)
+    fx.link_steering(panel, site="blocks.6.resid_post", strength=1.0)
     dx = ModelDiffExplorer.from_table(B.DiffTableLike(4096), B.diff_details, title="Fixture crosscoder (4,096 latents)")
     """,
     "fx",
@@ -173,7 +173,8 @@ class Page:
     def kernel(self, code: str, timeout: float = 60) -> str:
         """Run `code` in the notebook's kernel (as a new cell would) and return what it printed."""
         if self.kc is None:
-            self.kc = _kernel_client(self.lab)
+            kid = self.page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.id")
+            self.kc = _kernel_client(self.lab, kid)
         out: list[str] = []
 
         def hook(msg):
@@ -194,12 +195,11 @@ class Page:
         return path
 
 
-def _kernel_client(lab):
+def _kernel_client(lab, kernel_id: str):
+    """A second client on the notebook's kernel (its connection file is in the server's runtime dir)."""
     from jupyter_client import BlockingKernelClient
 
-    kernels = json.load(urllib.request.urlopen(f"{lab['url']}/api/kernels", timeout=5))
-    assert len(kernels) == 1, kernels
-    kc = BlockingKernelClient(connection_file=str(lab["runtime"] / f"kernel-{kernels[0]['id']}.json"))
+    kc = BlockingKernelClient(connection_file=str(lab["runtime"] / f"kernel-{kernel_id}.json"))
     kc.load_connection_file()
     kc.start_channels()
     kc.wait_for_ready(timeout=30)
@@ -238,6 +238,24 @@ def open_notebook(browser, lab, name: str, cells: list[str], ready: str, timeout
     return p
 
 
+def close(p: Page) -> None:
+    if p.kc is not None:
+        p.kc.stop_channels()
+    try:  # shut the kernel down (frees the model's memory); the page may already be gone after a failure
+        p.page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.shutdown()")
+    finally:
+        p.page.context.close()
+
+
+def check_clean(p: Page) -> None:
+    """Fail on any request that left loopback or any console error since the last check."""
+    blocked, errors = list(p.blocked), list(p.errors)
+    p.blocked.clear()
+    p.errors.clear()
+    assert not blocked, f"the page tried to reach the network: {blocked}"
+    assert not errors, f"console errors: {errors}"
+
+
 @pytest.fixture(scope="session")
 def fixture_page(browser, lab):
     """The notebook with the three widgets over the deterministic fixture backends."""
@@ -249,17 +267,11 @@ def fixture_page(browser, lab):
     print(f"\n[browser] notebook open → three widgets rendered: {p.open_s:.1f} s ({len(p.requests)} requests, "
           f"all loopback)")
     yield p
-    if p.kc is not None:
-        p.kc.stop_channels()
-    p.page.context.close()
+    close(p)
 
 
 @pytest.fixture
 def page(fixture_page):
     """The fixture page; after each test: no request left loopback and the console logged no error."""
     yield fixture_page
-    blocked, errors = list(fixture_page.blocked), list(fixture_page.errors)
-    fixture_page.blocked.clear()
-    fixture_page.errors.clear()
-    assert not blocked, f"the page tried to reach the network: {blocked}"
-    assert not errors, f"console errors: {errors}"
+    check_clean(fixture_page)

@@ -140,6 +140,6 @@ def test_text_box_and_steer_hand_off(page):
     n_items = int(page.kernel("print(len(panel.items))"))
     fx.locator(".tk-steer-btn").click()
     fx.locator(".tk-status", has_text="added to the steering panel").wait_for()
-    assert page.kernel("print(panel.items[-1]['name'], len(panel.items))").split() == [str(expected), str(n_items + 1)]
+    assert page.kernel("print(panel.items[-1]['latent'], len(panel.items))").split() == [str(expected), str(n_items + 1)]
     page.page.locator(f'.tk-steer .tk-item[data-index="{n_items}"]').wait_for()
     page.kernel("panel.items = panel.items[:-1]")

@@ -138,8 +138,8 @@ def fake_sweep(items: list[dict], prompt: str, strengths: list[float]) -> list[d
 
 
 STEER_ITEMS = [
-    {"kind": "latent", "name": "123", "site": "resid_post.6", "strength": 0.0, "min": -100.0, "max": 100.0,
+    {"kind": "latent", "name": "123", "site": "blocks.6.resid_post", "strength": 0.0, "min": -100.0, "max": 100.0,
      "method": "add", "positions": "all"},
-    {"kind": "vector", "name": "diffmean:formal", "site": "resid_post.6", "strength": 0.0, "min": -20.0,
+    {"kind": "vector", "name": "diffmean:formal", "site": "blocks.6.resid_post", "strength": 0.0, "min": -20.0,
      "max": 20.0, "method": "add", "positions": "generated"},
 ]

@@ -101,12 +101,13 @@ def test_steer_hands_latent_to_linked_panel(store, sent):
     page(fx, {"type": "steer", "id": 9, "latent": 3})
     assert "no steering panel linked" in sent[-1][0]["message"]
     panel = SteeringPanel([], fake_generate)
-    fx.link_steering(panel, site="resid_post.6", strength=40.0)
+    fx.link_steering(panel, site="blocks.6.resid_post", strength=1.5, sae="sae6")
     assert fx.can_steer
     page(fx, {"type": "steer", "id": 10, "latent": 3})
     assert sent[-1][0]["data"] == {"latent": 3, "items": 1}
-    assert panel.items == [{"kind": "latent", "name": "3", "site": "resid_post.6", "method": "add",
-                            "positions": "all", "strength": 40.0, "min": -200.0, "max": 200.0}]
+    assert panel.items == [{"kind": "latent", "name": "blocks.6.resid_post/3", "site": "blocks.6.resid_post",
+                            "method": "add", "positions": "all", "strength": 1.5, "min": -2.0, "max": 2.0,
+                            "latent": 3, "sae": "sae6"}]
 
 
 def test_selected_from_page_reaches_python(store):

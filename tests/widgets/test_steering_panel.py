@@ -109,22 +109,44 @@ def test_sweep_and_copy_as_code_round_trip(sent):
     assert out.getvalue().strip() == result["steered"]
 
 
-def test_from_spec_duck_types_a_steering_spec():
-    class Spec:
-        def __init__(self, items):
-            self.items = items
+def test_extra_item_keys_are_kept_and_checked():
+    item = {**STEER_ITEMS[0], "latent": 123, "sae": "sae6", "unit": 2.5}
+    assert check_item(item) == item
+    with pytest.raises(PayloadError, match="unit must be a finite number"):
+        check_item({**item, "unit": float("nan")})
+    with pytest.raises(TypeError, match="must be a plain value"):
+        check_item({**item, "vector": [1.0, 2.0]})
 
-        def to_items(self):
-            return self.items
 
-        @classmethod
-        def from_items(cls, items, vectors=None, saes=None):
-            return cls(items)
+class FakeSpec:
+    """The duck type from_spec relies on (toolkit.analysis.steering.SteeringSpec has the same methods)."""
 
-        def to_code(self):
-            return f"# {len(self.items)} items"
+    def __init__(self, items):
+        self.items = items
 
-    p = SteeringPanel.from_spec(Spec(STEER_ITEMS), fake_generate)
-    assert p.items == STEER_ITEMS and p._to_code(p.items, "") == "# 2 items"
-    with pytest.raises(TypeError, match="from_spec needs a steering spec"):
-        SteeringPanel.from_spec(object(), fake_generate)
+    def to_items(self):
+        return self.items
+
+    @classmethod
+    def from_items(cls, items, vectors=None, saes=None):
+        assert vectors == {"v": 1} and saes is None
+        return cls(items)
+
+    def generate(self, model, prompts, max_new_tokens=20):
+        return [fake_generate(self.items, prompts[0])["steered"]]
+
+    def to_code(self, prompt=None, max_new_tokens=20):
+        return f"# {len(self.items)} items, {prompt!r}, {max_new_tokens}"
+
+
+def test_from_spec_runs_the_spec_rebuilt_from_the_items():
+    p = SteeringPanel.from_spec(FakeSpec(STEER_ITEMS), model=None, vectors={"v": 1}, max_new_tokens=7, prompt="Hi")
+    assert p.items == STEER_ITEMS and p.has_code and p.has_sweep
+    p.set_strength(0, 10)
+    r = p.run()
+    assert r["unsteered"] == fake_generate([], "Hi")["steered"] and "dog10" in r["steered"]
+    assert p._to_code(p.items, "Hi") == "# 2 items, 'Hi', 7"
+    rows = p._sweep(p.items, "Hi", [0.0, 5.0])
+    assert [list(r) for r in rows] == [["strength", "123"]] * 2 and "dog5" in rows[1]["123"]
+    with pytest.raises(TypeError, match="from_spec needs a steering spec with to_items"):
+        SteeringPanel.from_spec(object(), None)

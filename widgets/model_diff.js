@@ -225,7 +225,7 @@ function render({ model, el }) {
         (valid[i] ? ` · ν_ε ${fmt(nuE[i])} · ν_r ${fmt(nuR[i])}` : "") + ` · freq ${fmt(freq[i])}`);
       detail.replaceChildren(h("div", { class: "tk-diff-details", "data-latent": i }, h("b", { text: `Latent #${i}` }), stats,
         sideBySide(d, ["Base model", "Fine-tuned model"]),
-        h("div", { class: "tk-lens" }, tokenTable("Decoder lens: promoted", d.promoted), tokenTable("suppressed", d.suppressed))));
+        h("div", { class: "tk-lens" }, ...d.lens.map(([title, rows]) => tokenTable(title, rows)))));
       root.dataset.selectMs = (performance.now() - start).toFixed(1);
     } catch (e) { if (mine === ticket) detail.replaceChildren(errorBox(`details of latent ${i}: ${e.message}`)); }
   }

@@ -27,7 +27,8 @@ ARTIFACT = "artifact"
 
 class ModelDiffExplorer(Widget):
     """Explore n crosscoder latents: per-latent arrays go to the page once as bytes; `details(latent)` ->
-    {"base": [ctx], "ft": [ctx], "lens": {"promoted": [...], "suppressed": [...]}} is called on selection."""
+    {"base": [ctx], "ft": [ctx], "lens": {title: [(token, value)], ...}} is called on selection (e.g.
+    {"promoted": ..., "suppressed": ...}; toolkit.analysis.diff_view.DiffDetails builds it)."""
 
     _esm = esm("model_diff")
     _css = css("model_diff")
@@ -132,14 +133,16 @@ class ModelDiffExplorer(Widget):
     def _on_details(self, msg: dict) -> dict:
         latent = check_latent(msg.get("latent"), self.n_latents)
         if self._details is None:
-            return {"latent": latent, "base": [], "ft": [], "promoted": [], "suppressed": []}
+            return {"latent": latent, "base": [], "ft": [], "lens": []}
         d = self._details(latent)
         if not isinstance(d, dict):
             raise PayloadError(f"details({latent}) must return a dict, got {type(d).__name__}")
         lens = d.get("lens") or {}
+        if not isinstance(lens, dict):
+            raise PayloadError(f"details({latent})['lens'] must be a dict of title -> [(token, value), ...]")
         return {"latent": latent, "base": contexts(d.get("base", []), f"details({latent})['base']"),
                 "ft": contexts(d.get("ft", []), f"details({latent})['ft']"),
-                "promoted": pairs(lens.get("promoted", [])), "suppressed": pairs(lens.get("suppressed", []))}
+                "lens": [[str(title), pairs(rows)] for title, rows in lens.items()]}
 
 
 def _codes(kind: Any, names: list[str], n: int) -> np.ndarray:

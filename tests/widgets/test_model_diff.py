@@ -65,7 +65,7 @@ def test_details_side_by_side(table, sent):
     d = content["data"]
     assert d["latent"] == KNOWN and len(d["base"]) == len(d["ft"]) == 3
     assert d["base"][0]["tokens"] == d["ft"][0]["tokens"]
-    assert d["promoted"][0] == [" up0", 1.0]
+    assert d["lens"][0][0] == "promoted" and d["lens"][0][1][0] == [" up0", 1.0]
     assert len(bufs) == 6
 
 

@@ -226,7 +226,8 @@ def open_notebook(browser, lab, name: str, cells: list[str], ready: str, timeout
     page.on("console", lambda m: m.type == "error" and p.errors.append(m.text))
     page.on("pageerror", lambda e: p.errors.append(f"page error: {e}"))
     t0 = time.monotonic()
-    page.goto(f"{lab['url']}/lab/tree/{name}")
+    # a workspace of its own, reset: only this notebook is open (no tabs restored from an earlier page)
+    page.goto(f"{lab['url']}/lab/workspaces/{Path(name).stem}/tree/{name}?reset")
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=timeout_ms)
     page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
                            " && window.jupyterapp.shell.currentWidget.sessionContext?.session?.kernel",

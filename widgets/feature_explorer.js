@@ -93,33 +93,26 @@ function textBox(call, onLatent) {
     h("div", { class: "tk-row-flex" }, area, h("button", { class: "tk-run", text: "Run", onclick: run })), out, lat);
 }
 
-function render({ model, el }) {
-  const t0 = performance.now();
-  const { call, dispose } = rpc(model);
-  const n = model.get("n_latents");
-  const density = typed(model.get("density"), Float32Array);
-  const maxAct = typed(model.get("max_act"), Float32Array);
-  const labels = model.get("labels") || [];
-  const st = { base: null, filter: "all", range: null, sort: "index", order: null, selectStart: 0 };
+function toolbar(model) {
+  const opt = (v, t) => h("option", { value: v, text: t });
+  const searchable = model.get("has_search");
+  const t = {
+    search: h("input", { class: "tk-search", type: "search", placeholder: "search…", "aria-label": "search latents" }),
+    by: h("select", { class: "tk-search-by", "aria-label": "search by" }, opt("index", "index"),
+      searchable ? opt("token", "promoted token") : null, searchable ? opt("context", "context word") : null),
+    sort: h("select", { class: "tk-sort", "aria-label": "sort" }, opt("index", "index"), opt("density-desc", "density ↓"),
+      opt("density-asc", "density ↑"), opt("max-desc", "max act ↓")),
+    filt: h("select", { class: "tk-filter", "aria-label": "filter" }, opt("all", "all"), opt("alive", "alive"),
+      opt("dead", "dead"), opt("dense", `dense (≥ ${model.get("dense_threshold")})`)),
+    rangeChip: h("span", { class: "tk-chip tk-range", hidden: true }),
+    count: h("span", { class: "tk-count" }),
+  };
+  t.el = h("div", { class: "tk-toolbar" }, t.search, t.by, t.sort, t.filt, t.rangeChip, t.count);
+  return t;
+}
 
-  const root = h("div", { class: "tk-root tk-fx" });
-  ownKeys(root);
-  const count = h("span", { class: "tk-count" });
-  const search = h("input", { class: "tk-search", type: "search", placeholder: "search…", "aria-label": "search latents" });
-  const by = h("select", { class: "tk-search-by", "aria-label": "search by" },
-    h("option", { value: "index", text: "index" }),
-    model.get("has_search") ? h("option", { value: "token", text: "promoted token" }) : null,
-    model.get("has_search") ? h("option", { value: "context", text: "context word" }) : null);
-  const sort = h("select", { class: "tk-sort", "aria-label": "sort" },
-    ...[["index", "index"], ["density-desc", "density ↓"], ["density-asc", "density ↑"], ["max-desc", "max act ↓"]]
-      .map(([v, t]) => h("option", { value: v, text: t })));
-  const filt = h("select", { class: "tk-filter", "aria-label": "filter" },
-    ...[["all", "all"], ["alive", "alive"], ["dead", "dead"], ["dense", `dense (≥ ${model.get("dense_threshold")})`]]
-      .map(([v, t]) => h("option", { value: v, text: t })));
-  const rangeChip = h("span", { class: "tk-chip tk-range", hidden: true });
-  const status = h("div", { class: "tk-status" });
-  const detail = h("div", { class: "tk-fx-detail-pane" }, h("div", { class: "tk-muted", text: "Select a latent." }));
-
+// The virtual list of latents in `st.order`; click and j/k/arrows call choose(latent).
+function latentList(model, st, density, labels, choose, onUpdate) {
   const rowOf = (i) => {
     const sel = i === model.get("selected");
     const d = density[i];
@@ -129,8 +122,7 @@ function render({ model, el }) {
       h("span", { class: "tk-idx", text: `#${i}` }), h("span", { class: "tk-label", text: labels[i] || "" }),
       h("span", { class: "tk-dcell" }, bar), h("span", { class: "tk-dval", text: d === 0 ? "dead" : fmt(d) }));
   };
-  const list = new VirtualList({ rowHeight: 24, height: 420, renderRow: (k) => rowOf(st.order[k]),
-    onUpdate: (ms) => { root.dataset.scrollMs = ms.toFixed(3); } });
+  const list = new VirtualList({ rowHeight: 24, height: 420, renderRow: (k) => rowOf(st.order[k]), onUpdate });
   list.el.setAttribute("role", "listbox");
   list.el.addEventListener("click", (e) => {
     const row = e.target.closest(".tk-row");
@@ -143,29 +135,77 @@ function render({ model, el }) {
     const pos = st.order.indexOf(model.get("selected"));
     choose(st.order[Math.min(st.order.length - 1, Math.max(0, pos < 0 ? 0 : pos + step))]);
   });
+  return list;
+}
 
+function densityPanel(density, onRange) {
   const hist = densityBins(density);
-  const histBox = h("div", { class: "tk-dhist" },
-    h("h4", { text: `Density (log10) · ${hist.dead} dead` }),
+  return h("div", { class: "tk-dhist" }, h("h4", { text: `Density (log10) · ${hist.dead} dead` }),
     histogram({ edges: hist.edges, counts: hist.counts, label: "latent density histogram", cls: "tk-density-hist",
-      logY: true, onBar: (_i, lo, hi) => { st.range = [lo, hi]; refilter(); } }));
+      logY: true, onBar: (_i, lo, hi) => onRange([lo, hi]) }));
+}
+
+// Search: by index in the page; by promoted token or context word through the kernel's search callable.
+function searcher(tb, n, call, status, apply) {
+  let timer = 0, ticket = 0;
+  const run = async () => {
+    const q = tb.search.value.trim();
+    const mine = ++ticket;
+    status.replaceChildren();
+    if (!q) return apply(null, q);
+    if (tb.by.value === "index") {
+      if (!/^\d+$/.test(q)) { status.replaceChildren(errorBox("index search takes digits")); return; }
+      const hits = [];
+      for (let i = 0; i < n; i++) if (String(i).startsWith(q)) hits.push(i);
+      return apply(Int32Array.from(hits), q);
+    }
+    try {
+      const r = await call("search", { query: q, by: tb.by.value });
+      if (mine === ticket) apply(r.latents, q);
+    } catch (e) { status.replaceChildren(errorBox(e.message)); }
+  };
+  tb.search.addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(run, 200); });
+  tb.search.addEventListener("keydown", (e) => { if (e.key === "Enter") { clearTimeout(timer); run(); } });
+  tb.by.addEventListener("change", run);
+  return () => clearTimeout(timer);
+}
+
+function render({ model, el }) {
+  const t0 = performance.now();
+  const { call, dispose } = rpc(model);
+  const n = model.get("n_latents");
+  const density = typed(model.get("density"), Float32Array);
+  const maxAct = typed(model.get("max_act"), Float32Array);
+  const st = { base: null, filter: "all", range: null, sort: "index", order: null, selectStart: 0 };
+  const root = h("div", { class: "tk-root tk-fx" });
+  ownKeys(root);
+  const tb = toolbar(model);
+  const status = h("div", { class: "tk-status" });
+  const detail = h("div", { class: "tk-fx-detail-pane" }, h("div", { class: "tk-muted", text: "Select a latent." }));
+  const choose = (i) => { st.selectStart = performance.now(); model.set("selected", i); model.save_changes(); };
+  const list = latentList(model, st, density, model.get("labels") || [], choose,
+    (ms) => { root.dataset.scrollMs = ms.toFixed(3); });
 
   function refilter() {
     st.order = makeOrder({ n, density, maxAct, base: st.base, filter: st.filter, range: st.range, sort: st.sort,
                            dense: model.get("dense_threshold") });
     root.dataset.nVisible = String(st.order.length);
-    count.textContent = `${st.order.length.toLocaleString()} of ${n.toLocaleString()} latents`;
-    rangeChip.hidden = !st.range;
-    if (st.range) rangeChip.textContent = `density 1e${fmt(st.range[0], 2)}–1e${fmt(st.range[1], 2)} ✕`;
+    tb.count.textContent = `${st.order.length.toLocaleString()} of ${n.toLocaleString()} latents`;
+    tb.rangeChip.hidden = !st.range;
+    if (st.range) tb.rangeChip.textContent = `density 1e${fmt(st.range[0], 2)}–1e${fmt(st.range[1], 2)} ✕`;
     list.el.scrollTop = 0;
     list.setCount(st.order.length);
   }
-  rangeChip.addEventListener("click", () => { st.range = null; refilter(); });
+  tb.rangeChip.addEventListener("click", () => { st.range = null; refilter(); });
+  tb.sort.addEventListener("change", () => { st.sort = tb.sort.value; refilter(); });
+  tb.filt.addEventListener("change", () => { st.filter = tb.filt.value; refilter(); });
+  const stopSearch = searcher(tb, n, call, status, (base, q) => { st.base = base; refilter(); root.dataset.searched = q; });
 
-  function choose(i) {
-    st.selectStart = performance.now();
-    model.set("selected", i);
-    model.save_changes();
+  async function steer(i) {
+    try {
+      const r = await call("steer", { latent: i });
+      status.replaceChildren(h("span", { class: "tk-muted", text: `latent #${r.latent} added to the steering panel (${r.items} items)` }));
+    } catch (e) { status.replaceChildren(errorBox(e.message)); }
   }
   let ticket = 0;
   async function show(i) {
@@ -186,58 +226,19 @@ function render({ model, el }) {
       if (mine === ticket) detail.replaceChildren(errorBox(`details of latent ${i}: ${e.message}`));
     } finally { if (mine === ticket) delete detail.dataset.loading; }
   }
-  async function steer(i) {
-    try {
-      const r = await call("steer", { latent: i });
-      status.replaceChildren(h("span", { class: "tk-muted", text: `latent #${r.latent} added to the steering panel (${r.items} items)` }));
-    } catch (e) { status.replaceChildren(errorBox(e.message)); }
-  }
-
-  let timer = 0;
-  let searchTicket = 0;
-  async function runSearch() {
-    const q = search.value.trim();
-    const mine = ++searchTicket;
-    status.replaceChildren();
-    if (!q) st.base = null;
-    else if (by.value === "index") {
-      if (!/^\d+$/.test(q)) { status.replaceChildren(errorBox("index search takes digits")); return; }
-      const hits = [];
-      for (let i = 0; i < n; i++) if (String(i).startsWith(q)) hits.push(i);
-      st.base = Int32Array.from(hits);
-    } else {
-      try {
-        const r = await call("search", { query: q, by: by.value });
-        if (mine !== searchTicket) return;
-        st.base = r.latents;
-      } catch (e) { status.replaceChildren(errorBox(e.message)); return; }
-    }
-    refilter();
-    root.dataset.searched = q;
-  }
-  search.addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(runSearch, 200); });
-  search.addEventListener("keydown", (e) => { if (e.key === "Enter") { clearTimeout(timer); runSearch(); } });
-  by.addEventListener("change", runSearch);
-  sort.addEventListener("change", () => { st.sort = sort.value; refilter(); });
-  filt.addEventListener("change", () => { st.filter = filt.value; refilter(); });
 
   const title = model.get("title");
-  root.append(
-    title ? h("div", { class: "tk-title", text: title }) : null,
-    h("div", { class: "tk-toolbar" }, search, by, sort, filt, rangeChip, count),
-    status,
-    h("div", { class: "tk-fx-body" }, h("div", { class: "tk-fx-left" }, list.el, histBox), detail),
+  root.append(title ? h("div", { class: "tk-title", text: title }) : null, tb.el, status,
+    h("div", { class: "tk-fx-body" },
+      h("div", { class: "tk-fx-left" }, list.el, densityPanel(density, (r) => { st.range = r; refilter(); })), detail),
     model.get("has_text") ? textBox(call, choose) : null);
   el.append(root);
   refilter();
   const onSel = () => show(model.get("selected"));
   model.on("change:selected", onSel);
   if (model.get("selected") >= 0) onSel();
-  requestAnimationFrame(() => {
-    root.dataset.renderMs = (performance.now() - t0).toFixed(1);
-    root.dataset.ready = "1";
-  });
-  return () => { model.off("change:selected", onSel); list.dispose(); dispose(); clearTimeout(timer); };
+  requestAnimationFrame(() => { root.dataset.renderMs = (performance.now() - t0).toFixed(1); root.dataset.ready = "1"; });
+  return () => { model.off("change:selected", onSel); list.dispose(); dispose(); stopSearch(); };
 }
 
 export default { render };

@@ -130,6 +130,49 @@ function sideBySide(d, names) {
   return h("div", { class: "tk-side" }, col(names[0], d.base, "tk-base"), col(names[1], d.ft, "tk-ft"));
 }
 
+// One chip per class (and one for flagged artifacts) with its count; a click toggles it in `classes`.
+function classChips(model, names, kind, art) {
+  const counts = names.map((_, k) => kind.reduce((a, v) => a + (v === k ? 1 : 0), 0));
+  const chipFor = (name, c, k) => {
+    const chip = h("span", { class: "tk-chip tk-class-chip", role: "button", "aria-pressed": "false",
+                             "data-class": name, "data-count": c }, h("span", { class: "tk-swatch" }), ` ${name} ${c.toLocaleString()}`);
+    chip.firstChild.style.background = name === "artifact" ? "var(--tk-art)" : `var(${CLASS_VARS[k % CLASS_VARS.length]})`;
+    chip.addEventListener("click", () => {
+      const on = new Set(model.get("classes"));
+      if (on.has(name)) on.delete(name); else on.add(name);
+      model.set("classes", [...on]); model.save_changes();
+    });
+    return chip;
+  };
+  return [...names.map((nm, k) => chipFor(nm, counts[k], k)), chipFor("artifact", art.reduce((a, v) => a + v, 0), 0)];
+}
+
+// The virtual list of the latents that pass the filters (order()), with j/k/arrow keys.
+function diffList(model, order, a, choose) {
+  const rowOf = (k) => {
+    const i = order()[k];
+    const sel = i === model.get("selected");
+    return h("div", { class: `tk-row${sel ? " tk-sel" : ""}`, "data-latent": i },
+      h("span", { class: "tk-idx", text: `#${i}` }),
+      h("span", { class: "tk-cls", text: a.art[i] ? `${a.names[a.kind[i]]} (artifact)` : a.names[a.kind[i]] }),
+      h("span", { class: "tk-num", text: fmt(a.nd[i]) }),
+      h("span", { class: "tk-num", text: a.valid[i] ? fmt(a.nuE[i]) : "–" }),
+      h("span", { class: "tk-num", text: a.valid[i] ? fmt(a.nuR[i]) : "–" }),
+      h("span", { class: "tk-num", text: fmt(a.freq[i]) }));
+  };
+  const list = new VirtualList({ rowHeight: 22, height: 240, renderRow: rowOf });
+  list.el.addEventListener("click", (e) => { const r = e.target.closest(".tk-row"); if (r) choose(Number(r.dataset.latent)); });
+  list.el.addEventListener("keydown", (e) => {
+    const step = { ArrowDown: 1, j: 1, ArrowUp: -1, k: -1 }[e.key];
+    const o = order();
+    if (!step || !o.length) return;
+    e.preventDefault();
+    const pos = o.indexOf(model.get("selected"));
+    choose(o[Math.min(o.length - 1, Math.max(0, pos < 0 ? 0 : pos + step))]);
+  });
+  return list;
+}
+
 function render({ model, el }) {
   const t0 = performance.now();
   const { call, dispose } = rpc(model);
@@ -144,20 +187,7 @@ function render({ model, el }) {
 
   const root = h("div", { class: "tk-root tk-diff" });
   ownKeys(root);
-  const counts = names.map((_, k) => kind.reduce((a, v) => a + (v === k ? 1 : 0), 0));
-  const nArt = art.reduce((a, v) => a + v, 0);
-  const chipFor = (name, c, k) => {
-    const chip = h("span", { class: "tk-chip tk-class-chip", role: "button", "aria-pressed": "false",
-                             "data-class": name, "data-count": c }, h("span", { class: "tk-swatch" }), ` ${name} ${c.toLocaleString()}`);
-    chip.firstChild.style.background = name === "artifact" ? "var(--tk-art)" : `var(${CLASS_VARS[k % CLASS_VARS.length]})`;
-    chip.addEventListener("click", () => {
-      const on = new Set(model.get("classes"));
-      if (on.has(name)) on.delete(name); else on.add(name);
-      model.set("classes", [...on]); model.save_changes();
-    });
-    return chip;
-  };
-  const chips = [...names.map((nm, k) => chipFor(nm, counts[k], k)), chipFor("artifact", nArt, 0)];
+  const chips = classChips(model, names, kind, art);
   const shown = h("span", { class: "tk-count" });
   const clear = h("button", { class: "tk-clear", text: "clear filters", onclick: () => {
     model.set("brush", []); model.set("classes", []); model.save_changes(); } });
@@ -165,26 +195,7 @@ function render({ model, el }) {
   const sc = scatter({ x: nuE, y: nuR, valid, kind, artifact: art, onPick: (i) => choose(i) });
   const detail = h("div", { class: "tk-diff-detail" }, h("div", { class: "tk-muted", text: "Select a latent." }));
   let selectStart = 0;
-  const rowOf = (k) => {
-    const i = order[k];
-    const sel = i === model.get("selected");
-    return h("div", { class: `tk-row${sel ? " tk-sel" : ""}`, "data-latent": i },
-      h("span", { class: "tk-idx", text: `#${i}` }),
-      h("span", { class: "tk-cls", text: art[i] ? `${names[kind[i]]} (artifact)` : names[kind[i]] }),
-      h("span", { class: "tk-num", text: fmt(nd[i]) }),
-      h("span", { class: "tk-num", text: valid[i] ? fmt(nuE[i]) : "–" }),
-      h("span", { class: "tk-num", text: valid[i] ? fmt(nuR[i]) : "–" }),
-      h("span", { class: "tk-num", text: fmt(freq[i]) }));
-  };
-  const list = new VirtualList({ rowHeight: 22, height: 240, renderRow: rowOf });
-  list.el.addEventListener("click", (e) => { const r = e.target.closest(".tk-row"); if (r) choose(Number(r.dataset.latent)); });
-  list.el.addEventListener("keydown", (e) => {
-    const step = { ArrowDown: 1, j: 1, ArrowUp: -1, k: -1 }[e.key];
-    if (!step || !order.length) return;
-    e.preventDefault();
-    const pos = order.indexOf(model.get("selected"));
-    choose(order[Math.min(order.length - 1, Math.max(0, pos < 0 ? 0 : pos + step))]);
-  });
+  const list = diffList(model, () => order, { names, kind, art, nd, nuE, nuR, valid, freq }, (i) => choose(i));
   const header = h("div", { class: "tk-row tk-head" }, ...["latent", "class", "Δnorm", "ν_ε", "ν_r", "freq"].map((t) => h("span", { text: t })));
 
   function refilter() {

@@ -107,7 +107,10 @@ class SteeringPanel(Widget):
         with self.hold_sync():
             self.items = list(items)
             self.prompt = prompt
-            self.sweep_strengths = [float(x) for x in (sweep_strengths or [0.0, 25.0, 50.0, 100.0])]
+            if sweep_strengths is None:  # five points over the first item's slider range
+                lo, hi = (self.items[0]["min"], self.items[0]["max"]) if self.items else (0.0, 1.0)
+                sweep_strengths = [round(lo + (hi - lo) * t / 4, 6) for t in range(5)]
+            self.sweep_strengths = [float(x) for x in sweep_strengths]
             self.has_code, self.has_sweep = to_code is not None, sweep is not None
 
     @classmethod

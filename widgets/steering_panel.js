@@ -64,29 +64,15 @@ function itemRow(item, k, update, remove) {
   return { el, set, key: `${item.kind}:${item.name}:${item.site}` };
 }
 
-function render({ model, el }) {
-  const { call, dispose } = rpc(model);
-  const root = h("div", { class: "tk-root tk-steer" });
-  ownKeys(root);
-  const rows = h("div", { class: "tk-items" });
-  const prompt = h("textarea", { class: "tk-prompt", rows: 2, placeholder: "Prompt", "aria-label": "prompt" });
-  const gen = h("button", { class: "tk-generate", text: "Generate" });
-  const cancel = h("button", { class: "tk-cancel", text: "Cancel", disabled: true });
-  const sweepBtn = h("button", { class: "tk-sweep-run", text: "Sweep" });
-  const sweepIn = h("input", { class: "tk-sweep-in", "aria-label": "sweep strengths" });
-  const codeBtn = h("button", { class: "tk-copy-code", text: "Copy as code" });
-  const status = h("span", { class: "tk-status tk-muted" });
-  const err = h("div", { class: "tk-err-box" });
-  const out = h("div", { class: "tk-outputs" });
-  const sweepBox = h("div", { class: "tk-sweep" });
-  const codeBox = h("pre", { class: "tk-code", hidden: true });
-
+// The rows of steer items; edits go back to Python through the `items` trait.
+function itemsView(model) {
+  const el = h("div", { class: "tk-items" });
   const items = () => model.get("items").map((i) => ({ ...i }));
   const save = (list) => { model.set("items", list); model.save_changes(); };
   const update = (k, patch) => { const l = items(); Object.assign(l[k], patch); save(l); };
   const remove = (k) => { const l = items(); l.splice(k, 1); save(l); };
   let rowViews = [];
-  const drawItems = () => {
+  const draw = () => {
     const l = model.get("items");
     const keys = l.map((it) => `${it.kind}:${it.name}:${it.site}`);
     if (keys.length === rowViews.length && keys.every((k, i) => k === rowViews[i].key)) {
@@ -94,51 +80,73 @@ function render({ model, el }) {
       return;
     }
     rowViews = l.map((it, k) => itemRow(it, k, update, remove));
-    rows.replaceChildren(...rowViews.map((r) => r.el));
-    if (!l.length) rows.append(h("div", { class: "tk-muted", text: "No steer items: add latents from a feature explorer." }));
+    el.replaceChildren(...rowViews.map((r) => r.el));
+    if (!l.length) el.append(h("div", { class: "tk-muted", text: "No steer items: add latents from a feature explorer." }));
   };
+  return { el, draw };
+}
+
+// Unsteered and steered text side by side, the tokens that differ marked.
+function resultView(model, root) {
+  const el = h("div", { class: "tk-outputs" });
+  const draw = () => {
+    const r = model.get("result") || {};
+    if (r.steered === undefined) { el.replaceChildren(); delete root.dataset.differs; return; }
+    const a = words(r.unsteered), b = words(r.steered);
+    const { sameA, sameB } = tokenDiff(a, b);
+    el.replaceChildren(textPane("Unsteered", a, sameA, "tk-unsteered"), textPane("Steered", b, sameB, "tk-steered"));
+    root.dataset.differs = r.unsteered === r.steered ? "0" : "1";
+  };
+  return { el, draw };
+}
+
+function sweepTable(rows) {
+  if (!rows.length) return [];
+  const cols = Object.keys(rows[0]);
+  const cell = (v) => h("td", { class: typeof v === "number" ? "tk-num" : "", text: typeof v === "number" ? fmt(v) : String(v) });
+  return [h("table", { class: "tk-table tk-sweep-table" }, h("thead", {}, h("tr", {}, ...cols.map((c) => h("th", { text: c })))),
+    h("tbody", {}, ...rows.map((row) => h("tr", {}, ...cols.map((c) => cell(row[c]))))))];
+}
+
+function render({ model, el }) {
+  const { call, dispose } = rpc(model);
+  const root = h("div", { class: "tk-root tk-steer" });
+  ownKeys(root);
+  const items = itemsView(model), result = resultView(model, root);
+  const prompt = h("textarea", { class: "tk-prompt", rows: 2, placeholder: "Prompt", "aria-label": "prompt" });
+  const gen = h("button", { class: "tk-generate", text: "Generate" });
+  const cancel = h("button", { class: "tk-cancel", text: "Cancel", disabled: true });
+  const sweepBtn = h("button", { class: "tk-sweep-run", text: "Sweep" });
+  const sweepIn = h("input", { class: "tk-sweep-in", "aria-label": "sweep strengths" });
+  const codeBtn = h("button", { class: "tk-copy-code", text: "Copy as code", disabled: !model.get("has_code") });
+  const status = h("span", { class: "tk-status tk-muted" });
+  const err = h("div", { class: "tk-err-box" });
+  const sweepBox = h("div", { class: "tk-sweep" });
+  const codeBox = h("pre", { class: "tk-code", hidden: true });
+
   const drawBusy = () => {
     const busy = model.get("busy");
     root.dataset.busy = busy ? "1" : "0";
     gen.disabled = busy; sweepBtn.disabled = busy || !model.get("has_sweep"); cancel.disabled = !busy;
-    status.textContent = busy ? `${model.get("status")} ` : model.get("status");
+    status.textContent = model.get("status");
     status.classList.toggle("tk-spin", busy);
   };
-  const drawResult = () => {
-    const r = model.get("result") || {};
-    if (r.steered === undefined) { out.replaceChildren(); delete root.dataset.differs; return; }
-    const a = words(r.unsteered), b = words(r.steered);
-    const { sameA, sameB } = tokenDiff(a, b);
-    out.replaceChildren(textPane("Unsteered", a, sameA, "tk-unsteered"), textPane("Steered", b, sameB, "tk-steered"));
-    root.dataset.differs = r.unsteered === r.steered ? "0" : "1";
+  const handlers = {
+    "change:items": items.draw, "change:busy": drawBusy, "change:status": drawBusy, "change:result": result.draw,
+    "change:error": () => err.replaceChildren(...(model.get("error") ? [errorBox(model.get("error"))] : [])),
+    "change:sweep_rows": () => sweepBox.replaceChildren(...sweepTable(model.get("sweep_rows"))),
+    "change:prompt": () => { if (prompt.value !== model.get("prompt")) prompt.value = model.get("prompt"); },
+    "change:sweep_strengths": () => { sweepIn.value = model.get("sweep_strengths").join(", "); },
   };
-  const drawError = () => {
-    const e = model.get("error");
-    err.replaceChildren(...(e ? [errorBox(e)] : []));
-  };
-  const drawSweep = () => {
-    const r = model.get("sweep_rows");
-    if (!r.length) { sweepBox.replaceChildren(); return; }
-    const cols = Object.keys(r[0]);
-    sweepBox.replaceChildren(h("table", { class: "tk-table tk-sweep-table" },
-      h("thead", {}, h("tr", {}, ...cols.map((c) => h("th", { text: c })))),
-      h("tbody", {}, ...r.map((row) => h("tr", {}, ...cols.map((c) =>
-        h("td", { class: typeof row[c] === "number" ? "tk-num" : "", text: typeof row[c] === "number" ? fmt(row[c]) : String(row[c]) })))))));
-  };
-  const drawPrompt = () => { if (prompt.value !== model.get("prompt")) prompt.value = model.get("prompt"); };
-  const drawStrengths = () => { sweepIn.value = model.get("sweep_strengths").join(", "); };
-
-  prompt.addEventListener("change", () => { model.set("prompt", prompt.value); model.save_changes(); });
   const guard = (p) => p.catch((e) => err.replaceChildren(errorBox(e.message)));
-  gen.addEventListener("click", () => {
-    model.set("prompt", prompt.value); model.save_changes();
-    guard(call("generate"));
-  });
+  const savePrompt = () => { model.set("prompt", prompt.value); model.save_changes(); };
+  prompt.addEventListener("change", savePrompt);
+  gen.addEventListener("click", () => { savePrompt(); guard(call("generate")); });
   cancel.addEventListener("click", () => guard(call("cancel")));
   sweepBtn.addEventListener("click", () => {
     const vals = sweepIn.value.split(/[,\s]+/).filter(Boolean).map(Number);
     if (!vals.length || vals.some((v) => !Number.isFinite(v))) { err.replaceChildren(errorBox("sweep strengths: numbers separated by commas")); return; }
-    model.set("prompt", prompt.value); model.set("sweep_strengths", vals); model.save_changes();
+    model.set("sweep_strengths", vals); savePrompt();
     guard(call("sweep"));
   });
   codeBtn.addEventListener("click", () => guard(call("code").then((r) => {
@@ -147,20 +155,14 @@ function render({ model, el }) {
     if (navigator.clipboard) navigator.clipboard.writeText(r.code).catch(() => {});
     status.textContent = "code copied (also shown below)";
   })));
-  codeBtn.disabled = !model.get("has_code");
 
-  const handlers = { "change:items": drawItems, "change:busy": drawBusy, "change:status": drawBusy,
-                     "change:result": drawResult, "change:error": drawError, "change:sweep_rows": drawSweep,
-                     "change:prompt": drawPrompt, "change:sweep_strengths": drawStrengths };
   for (const [ev, fn] of Object.entries(handlers)) model.on(ev, fn);
-  root.append(h("div", { class: "tk-title", text: "Steering" }), rows,
-    h("div", { class: "tk-controls" }, prompt,
-      h("div", { class: "tk-buttons" }, gen, cancel, status)),
-    err, out,
+  root.append(h("div", { class: "tk-title", text: "Steering" }), items.el,
+    h("div", { class: "tk-controls" }, prompt, h("div", { class: "tk-buttons" }, gen, cancel, status)), err, result.el,
     h("div", { class: "tk-controls" }, h("span", { class: "tk-muted", text: "sweep strengths" }), sweepIn, sweepBtn, codeBtn),
     sweepBox, codeBox);
   el.append(root);
-  drawItems(); drawBusy(); drawResult(); drawError(); drawSweep(); drawPrompt(); drawStrengths();
+  for (const fn of new Set(Object.values(handlers))) fn();
   root.dataset.ready = "1";
   return () => { for (const [ev, fn] of Object.entries(handlers)) model.off(ev, fn); dispose(); };
 }

@@ -98,6 +98,7 @@ class SteeringPanel(Widget):
                 raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
         if generate is None:
             raise TypeError("generate must be a callable (items, prompt) -> {'unsteered': str, 'steered': str}")
+        items = [check_item(i) for i in items]  # before the comm opens: bad data never reaches the page
         self._generate, self._to_code, self._sweep = generate, to_code, sweep
         self._cancel = threading.Event()
         self._job = 0

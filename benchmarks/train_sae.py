@@ -29,9 +29,9 @@ from toolkit.config import SAEConfig, TrainConfig
 from toolkit.data import load_texts, token_contexts
 from toolkit.models import load_model
 from toolkit.sae import SAE
-from toolkit.sae.train import train_sae
-from toolkit.sae.zoo import CorpusSpec, corpus_activations
 from toolkit.tracing import iter_capture
+from toolkit.training.sae_trainer import train_sae
+from toolkit.training.zoo import CorpusSpec, corpus_activations
 
 HERE = Path(__file__).resolve().parent
 PEERS = {"saelens": HERE / ".peers" / "venv" / "bin" / "python",

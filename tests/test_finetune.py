@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import toolkit.finetune as ft
+from toolkit.data import texts_fingerprint
 from toolkit.finetune import BEHAVIOURS, FinetuneConfig, behaviour_prompts, behaviour_rate, prepare_finetuned
 from toolkit.io import MANIFEST, TMP_PREFIX, verify_manifest
 from toolkit.models import _TOKENIZER_TEXT, load_model
@@ -16,13 +17,7 @@ from toolkit.models import _TOKENIZER_TEXT, load_model
 PIRATE = BEHAVIOURS["pirate"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors run fastest on one thread (and do not fight the other test processes for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _texts(n: int = 120) -> list[str]:
@@ -105,6 +100,11 @@ def test_incomplete_folder_is_rebuilt(tiny, tmp_path) -> None:
     assert (folder / MANIFEST).is_file() and ft.finetuned_ready(folder, cfg)
     other = FinetuneConfig(layers=(1,), steps=2, batch_size=2, ctx_len=16, save_dtype="float32")
     assert not ft.finetuned_ready(folder, other)  # made with another config: not reused
+    assert ft.finetuned_ready(folder, cfg, texts_fingerprint(_texts(40)))
+    assert not ft.finetuned_ready(folder, cfg, texts_fingerprint(_texts(41)))  # other texts: not reused
+    with torch.no_grad():
+        prepare_finetuned("pirate", cfg=cfg, base=tiny, folder=folder, texts=_texts(41), progress=False)
+    assert ft.finetuned_ready(folder, cfg, texts_fingerprint(_texts(41)))  # retrained on the new texts
 
 
 def test_layers_out_of_range_are_refused(tiny) -> None:

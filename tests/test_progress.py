@@ -11,8 +11,8 @@ import torch
 from tqdm import std
 
 from toolkit.progress import DEFAULT_MININTERVAL, mininterval, progress_bar
-from toolkit.sae.crosscoder_train import train_crosscoder
-from toolkit.sae.train import train_sae
+from toolkit.training.crosscoder_trainer import train_crosscoder
+from toolkit.training.sae_trainer import train_sae
 
 
 def test_mininterval_follows_tqdm_env(monkeypatch) -> None:
@@ -27,15 +27,15 @@ def test_mininterval_follows_tqdm_env(monkeypatch) -> None:
 
 
 def _sae_run() -> None:
-    from tests.sae.test_train import config, synthetic
+    from tests.training.test_train import config, synthetic
 
     train_sae(config("topk", steps=400, log_every=10), synthetic, progress=True)
 
 
 def _crosscoder_run() -> None:
-    from tests.sae.test_crosscoder import _cfg, synthetic_pair
+    from tests.crosscoder.test_crosscoder import _cfg, synthetic_pair
 
-    train_crosscoder(_cfg(), synthetic_pair(1024)[0], steps=400, batch_size=64, progress=True)
+    train_crosscoder(_cfg(), synthetic_pair(1024)[0], total_steps=400, batch_size=64, progress=True)
 
 
 @pytest.mark.parametrize("run", [_sae_run, _crosscoder_run], ids=["sae", "crosscoder"])

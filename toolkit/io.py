@@ -1,26 +1,33 @@
-"""Atomic file writes and strict weight folders (safetensors + cfg.json + sha256 manifest)."""
+"""Atomic file writes, strict weight folders (safetensors + cfg.json + sha256 manifest) and tensor-file readers."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import pickle
 import tempfile
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from toolkit.config.sae import SAE_DTYPES
 from toolkit.errors import CheckpointError
 
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
+DTYPES: dict[str, torch.dtype] = {n: getattr(torch, n) for n in SAE_DTYPES}
+"""Every dtype the toolkit stores, by name ('float32', 'bfloat16', 'float16', 'float64')."""
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (a no-op where directories cannot be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # some filesystems do not allow opening directories
@@ -31,21 +38,33 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either the old file or the whole new one."""
-    path = Path(path)
+class Weights(NamedTuple):
+    """What a format loader returns: the config to build from, tensors under our names, and the file they came from."""
+
+    cfg: Any
+    tensors: dict[str, torch.Tensor]
+    source: str
+
+
+def _replace_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """Write through `write(tmp_path)` to a temp file beside `path`, fsync it, rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either the old file or the whole new one."""
+    _replace_atomically(Path(path), lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -56,19 +75,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def atomic_save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                         metadata: dict[str, str] | None = None) -> None:
     """Atomically write a safetensors file (contiguous copies, so views and slices are fine)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _replace_atomically(Path(path), lambda tmp: save_file(cpu, tmp, metadata=metadata))
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -139,6 +147,23 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: cannot read weights ({e}); the file is truncated or not safetensors") from e
+
+
+def read_torch_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors or torch .pt state-dict file (torch.compile's `_orig_mod.` prefixes removed)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        state = load_tensors(path)
+    else:
+        if not path.is_file():
+            raise CheckpointError(f"{path}: weights file missing")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+            raise CheckpointError(f"{path}: cannot read ({e}); the file is truncated or not a torch state dict") from e
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    return {k.removeprefix("_orig_mod."): v for k, v in state.items()}
 
 
 def save_weight_folder(folder: str | os.PathLike, tensors: Mapping[str, torch.Tensor], cfg: dict[str, Any],

@@ -12,7 +12,7 @@ import torch
 
 from toolkit.convert import prepare_default_model
 from toolkit.errors import ContextLengthError, EmptyInputError, ModelUnavailableError
-from toolkit.tracing.sites import SITE_KINDS, Site, site_width, validate_site
+from toolkit.sites import SITE_KINDS, Site, site_width, validate_site
 
 SUPPORTED_FAMILIES = ("gemma2", "gemma3")
 
@@ -108,7 +108,7 @@ class Model:
 
 
 def _wrap(hf_model: torch.nn.Module, tokenizer: Any, name: str) -> Model:
-    from nnsight import TransformersModel
+    from nnsight import TransformersModel  # noqa: TID251 - the one place the base layer wraps a model for tracing
 
     cfg = hf_model.config
     family = {"gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}.get(cfg.model_type)
@@ -152,7 +152,7 @@ def load_model(name_or_path: str = "default", device: str | torch.device | None 
                dtype: torch.dtype | str | None = None, *, progress: bool = True) -> Model:
     """Load "default" (the embedded Gemma 3 270M), a Hugging Face id, or a local folder.
 
-    The default model is converted once into the user cache (see `toolkit.convert.cache_dir`).
+    The default model is converted once into the user cache (see `toolkit.paths.cache_dir`).
     A hub id that is neither cached nor downloadable raises ModelUnavailableError saying how to fix it.
     """
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -20,20 +20,14 @@ from toolkit.analysis.diff import (
     top_latents,
 )
 from toolkit.config import CrosscoderConfig
+from toolkit.crosscoder import Crosscoder, PairedActivations
 from toolkit.errors import FeatureIndexError
-from toolkit.sae.crosscoder import Crosscoder, PairedActivations
-from toolkit.sae.crosscoder_train import train_crosscoder
+from toolkit.training.crosscoder_trainer import train_crosscoder
 
 PAIR = ("base", "ft")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors run fastest on one thread (and do not fight the other test processes for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _handmade(decoders: torch.Tensor, encoders: torch.Tensor | None = None) -> Crosscoder:
@@ -88,7 +82,7 @@ def test_classification_of_a_trained_crosscoder_on_a_planted_dictionary() -> Non
     f = (torch.rand(4096, 32, generator=g) < 0.08).float() * (1 + torch.rand(4096, 32, generator=g))
     acts = PairedActivations(torch.einsum("nf,fmd->nmd", f, dirs) * 3, PAIR, "blocks.0.resid_post")
     cfg = CrosscoderConfig(d_in=d, d_sae=48, k=4, models=PAIR, site="blocks.0.resid_post")
-    cc = train_crosscoder(cfg, acts, steps=500, batch_size=256, lr=1e-2, progress=False).crosscoder
+    cc = train_crosscoder(cfg, acts, total_steps=500, batch_size=256, lr=1e-2, progress=False).crosscoder
     table = diff_table(cc, acts)
 
     def best(feature: int, model: int) -> int:

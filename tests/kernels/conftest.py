@@ -14,7 +14,7 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
-KERNEL_MODULES = ("toolkit.kernels.encode", "toolkit.kernels.decode")
+KERNEL_MODULES = ("toolkit.kernels.triton_encode", "toolkit.kernels.triton_decode")
 
 
 def _ensure_interpreted() -> None:

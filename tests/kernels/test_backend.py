@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import toolkit.kernels as K
+import toolkit.kernels.dispatch as K
 from tests.kernels.helpers import make_sae, make_x
 
 ROOT = Path(__file__).resolve().parents[2]

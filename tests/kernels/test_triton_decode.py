@@ -91,7 +91,7 @@ def test_non_contiguous_inputs(triton_env):
 
 
 def test_tiles_smaller_than_the_problem(triton_env):
-    from toolkit.kernels.decode import DecodeBlocks, decode_sparse_triton
+    from toolkit.kernels.triton_decode import DecodeBlocks, decode_sparse_triton
 
     _, _, W_dec, b_dec = make_sae(640, 300, device=triton_env)
     idx, val = sparse_codes(3, d_sae=300, k=37, device=triton_env)

@@ -81,7 +81,7 @@ def test_non_contiguous_inputs(triton_env):
 
 def test_tiles_smaller_than_the_problem(triton_env):
     """Masks on every edge: d_in 640 is not a multiple of block_k 256, d_sae 300 not of block_n 64."""
-    from toolkit.kernels.encode import EncodeBlocks, encode_triton
+    from toolkit.kernels.triton_encode import EncodeBlocks, encode_triton
 
     W_enc, b_enc, _, _ = make_sae(640, 300, device=triton_env)
     x = make_x(20, 640, device=triton_env)

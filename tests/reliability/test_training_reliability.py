@@ -9,23 +9,18 @@ import shutil
 import pytest
 import torch
 
-import toolkit.sae.checkpoint as checkpoint_mod
-import toolkit.sae.train as train_mod
+import toolkit.training.checkpoint as checkpoint_mod
+import toolkit.training.sae_trainer as train_mod
 from toolkit.config import SAEConfig, TrainConfig
 from toolkit.errors import CheckpointError, NonFiniteError
 from toolkit.io import TMP_PREFIX
-from toolkit.sae.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from toolkit.sae.train import train_sae
+from toolkit.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from toolkit.training.sae_trainer import train_sae
 
 D, BATCH = 16, 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch(i: int) -> torch.Tensor:
@@ -105,6 +100,51 @@ def test_resume_is_exact_for_every_architecture(tmp_path, arch):
     resumed = train_sae(cfg, source, out_dir=tmp_path / "cut", resume=True, progress=False)
     assert_same_weights(resumed.sae, full.sae)
     assert resumed.history == full.history
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "relu"])
+def test_crosscoder_resume_is_exact(tmp_path, arch):
+    """The shared loop gives crosscoders the same guarantee: killed, resumed, equal to an uninterrupted run."""
+    from toolkit.config import CrosscoderConfig, CrosscoderTraining
+    from toolkit.training import train_crosscoder
+
+    g = torch.Generator().manual_seed(1)
+    pairs = torch.stack([batch(i) for i in range(40)]).reshape(-1, D)
+    acts = torch.stack([pairs, pairs @ torch.randn(D, D, generator=g) / D ** 0.5], dim=1)
+    cfg = CrosscoderConfig(d_in=D, d_sae=48, architecture=arch, k=3 if arch == "batchtopk" else None)
+    tr = CrosscoderTraining(total_steps=120, batch_size=BATCH, lr=2e-3, checkpoint_every=40, log_every=7,
+                            dead_after_tokens=20 * BATCH, warmup_steps=10, sparsity_warmup_steps=20)
+    full = train_crosscoder(cfg, acts, tr, out_dir=tmp_path / "full", progress=False)
+    with pytest.raises(Killed):
+        train_crosscoder(cfg, acts, tr, out_dir=tmp_path / "cut", progress=False, callback=kill_at(95))
+    assert latest_checkpoint(tmp_path / "cut").name == "step_00000080"
+    resumed = train_crosscoder(cfg, acts, tr, out_dir=tmp_path / "cut", resume=True, progress=False)
+    assert resumed.steps == full.steps == 120
+    assert_same_weights(resumed.crosscoder, full.crosscoder)
+    assert resumed.history == full.history and resumed.tokens == full.tokens and resumed.scale == full.scale
+    a = load_checkpoint(latest_checkpoint(tmp_path / "full")).tensors
+    b = load_checkpoint(latest_checkpoint(tmp_path / "cut")).tensors
+    assert a.keys() == b.keys() and any(k.startswith("optim.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    with pytest.raises(CheckpointError, match="different settings"):
+        train_crosscoder(cfg, acts, tr, out_dir=tmp_path / "cut", resume=True, progress=False, lr=1e-3)
+
+
+def test_sae_checkpoints_written_before_the_shared_loop_still_resume(tmp_path):
+    """The SAE checkpoint layout (format 1: state.safetensors keys sae.*, optim.<i>.*, train.since_fired, rng.*;
+    state.json counters, scale, log_coef, history, window, RNG positions) is unchanged: such a checkpoint resumes."""
+    cfg = config("topk", steps=60, checkpoint_every=20)
+    full = train_sae(cfg, source, out_dir=tmp_path / "full", progress=False)
+    ck = load_checkpoint(tmp_path / "full" / "checkpoints" / "step_00000040")
+    legacy_keys = {"config", "format", "step", "position", "tokens", "skipped", "consecutive", "thr_count", "scale",
+                   "log_coef", "history", "window", "rng_python", "rng_numpy"}
+    assert set(ck.state) == legacy_keys
+    assert {k.split(".")[0] for k in ck.tensors} == {"sae", "optim", "train", "rng"}
+    checkpoint_mod.save_checkpoint(tmp_path / "old", 40, ck.tensors, {k: v for k, v in ck.state.items()
+                                                                      if k not in ("format", "step")})
+    resumed = train_sae(cfg, source, out_dir=tmp_path / "old", resume=True, progress=False)
+    assert_same_weights(resumed.sae, full.sae)
 
 
 def test_resume_from_an_activation_cache_position(tmp_path, tiny):

@@ -13,7 +13,7 @@ from toolkit.config import SAE_ARCHITECTURES, SAEConfig
 from toolkit.errors import CheckpointError, FeatureIndexError, HookNotFoundError, ShapeMismatchError
 from toolkit.io import write_manifest
 from toolkit.sae import ARCHITECTURES, SAE, Architecture, SAEOutput, SparseCodes, register
-from toolkit.tracing.sites import Site, validate_site
+from toolkit.sites import Site, validate_site
 
 D_IN, D_SAE, K = 16, 48, 5
 CONFIGS = {

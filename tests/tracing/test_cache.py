@@ -13,6 +13,7 @@ from toolkit.config import CacheConfig
 from toolkit.data import token_contexts
 from toolkit.errors import CacheError, ShapeMismatchError
 from toolkit.io import sha256_file
+from toolkit.sites import Site
 from toolkit.tracing.cache import (
     ActivationCache,
     contexts_fingerprint,
@@ -20,7 +21,6 @@ from toolkit.tracing.cache import (
     shard_name,
 )
 from toolkit.tracing.capture import iter_capture
-from toolkit.tracing.sites import Site
 from toolkit.tracing.stream import paired_batches
 
 BOS, PAD = 2, 0

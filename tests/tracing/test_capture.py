@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from toolkit.tracing import SITE_KINDS, capture, iter_capture
-from toolkit.tracing.sites import module_path
+from toolkit.sites import SITE_KINDS, module_path
+from toolkit.tracing import capture, iter_capture
 
 
 def _hook_capture(model, batch, site):

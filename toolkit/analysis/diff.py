@@ -23,13 +23,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from toolkit.errors import FeatureIndexError
-from toolkit.sae.crosscoder import Crosscoder, PairedActivations
+from toolkit.crosscoder import Crosscoder, PairedActivations
+from toolkit.errors import check_index
+
+if TYPE_CHECKING:
+    from toolkit.models import Model
 
 CLASSES = ("base-only", "shared", "ft-only", "other")
 
@@ -161,8 +164,7 @@ class DiffTable:
 
     def row(self, j: int) -> dict[str, Any]:
         """Everything known about latent j."""
-        if not isinstance(j, (int, np.integer)) or isinstance(j, bool) or not 0 <= j < len(self):
-            raise FeatureIndexError(f"latent index must be an integer in 0..{len(self) - 1}, got {j!r}")
+        j = check_index(j, len(self), "latent index")
         return {"latent": int(j), "class": self.cls[j], "norm_diff": float(self.norm_diff[j]),
                 "relative_norm": float(self.relative_norm[j]), "cosine": float(self.cosine[j]),
                 "norm_base": float(self.norms[j, 0]),
@@ -219,11 +221,10 @@ def top_latents(table: DiffTable, n: int = 10, *, kind: str | None = "ft-only", 
 
 
 @torch.no_grad()
-def decoder_lens(cc: Crosscoder, model: Any, latent: int, *, which: str = "diff", k: int = 8) -> list[tuple[str, float]]:
+def decoder_lens(cc: Crosscoder, model: Model, latent: int, *, which: str = "diff", k: int = 8) -> list[tuple[str, float]]:
     """Tokens the latent's decoder direction promotes most through the model's final norm and unembedding
     (a logit lens): which='base', 'ft', or 'diff' (fine-tuned minus base direction: what fine-tuning added)."""
-    if isinstance(latent, bool) or not isinstance(latent, (int, np.integer)) or not 0 <= latent < cc.d_sae:
-        raise FeatureIndexError(f"latent index must be an integer in 0..{cc.d_sae - 1}, got {latent!r}")
+    latent = check_index(latent, cc.d_sae, "latent index", cc.name)
     if which not in ("base", "ft", "diff"):
         raise ValueError(f"which must be 'base', 'ft' or 'diff', got {which!r}")
     d = cc.W_dec[int(latent)] / cc.input_scale[:, None]  # (2, d_in) in raw units
@@ -253,8 +254,7 @@ class LatentContext:
 @torch.no_grad()
 def latent_activations(cc: Crosscoder, acts: PairedActivations, latent: int, *, batch_size: int = 2048) -> torch.Tensor:
     """(n,) activation of one latent on every row of `acts`."""
-    if isinstance(latent, bool) or not isinstance(latent, (int, np.integer)) or not 0 <= latent < cc.d_sae:
-        raise FeatureIndexError(f"latent index must be an integer in 0..{cc.d_sae - 1}, got {latent!r}")
+    latent = check_index(latent, cc.d_sae, "latent index", cc.name)
     return torch.cat([cc.encode(acts.acts[i:i + batch_size].to(cc.device))[:, int(latent)].cpu()
                       for i in range(0, len(acts), batch_size)]) if len(acts) else torch.zeros(0)
 

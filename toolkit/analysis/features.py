@@ -5,12 +5,15 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from toolkit.sae.sae import SAE
 from toolkit.tracing import capture, iter_capture
+
+if TYPE_CHECKING:
+    from toolkit.models import Model
 
 
 @dataclass(frozen=True)
@@ -44,11 +47,11 @@ class FeatureTable(_Table):
     columns = ("feature", "max_activation", "token", "position", "n_active")
 
 
-def _tokens(model: Any, ids: torch.Tensor) -> list[str]:
+def _tokens(model: Model, ids: torch.Tensor) -> list[str]:
     return [model.tokenizer.decode([int(t)]) for t in ids]
 
 
-def top_features(sae: SAE, model: Any, prompt: str, *, k: int = 10, site: str | None = None,
+def top_features(sae: SAE, model: Model, prompt: str, *, k: int = 10, site: str | None = None,
                  exclude_bos: bool = True) -> FeatureTable:
     """The k features with the largest activation anywhere in `prompt` (BOS excluded by default)."""
     s = sae.check_compatible(model, site or sae.cfg.site)
@@ -89,7 +92,7 @@ class Context:
         return f"<code>{self.activation:.2f}</code> " + "".join(parts)
 
 
-def top_contexts(sae: SAE, model: Any, contexts: torch.Tensor, features: int | Sequence[int], *, k: int = 5,
+def top_contexts(sae: SAE, model: Model, contexts: torch.Tensor, features: int | Sequence[int], *, k: int = 5,
                  window: tuple[int, int] = (10, 3), site: str | None = None, batch_size: int = 8,
                  progress: bool = True) -> dict[int, list[Context]]:
     """Top-k activating token windows per feature over a corpus of token contexts (BOS excluded)."""
@@ -125,7 +128,7 @@ def top_contexts(sae: SAE, model: Any, contexts: torch.Tensor, features: int | S
     return out
 
 
-def feature_density(sae: SAE, model: Any, contexts: torch.Tensor, *, site: str | None = None,
+def feature_density(sae: SAE, model: Model, contexts: torch.Tensor, *, site: str | None = None,
                     batch_size: int = 8, progress: bool = True) -> torch.Tensor:
     """Fraction of (non-BOS) tokens on which each feature fires, shape (d_sae,)."""
     s = sae.check_compatible(model, site or sae.cfg.site)
@@ -141,7 +144,7 @@ def feature_density(sae: SAE, model: Any, contexts: torch.Tensor, *, site: str |
     return fires / max(n, 1)
 
 
-def logit_lens(sae: SAE, model: Any, feature: int, *, k: int = 10) -> dict[str, list[tuple[str, float]]]:
+def logit_lens(sae: SAE, model: Model, feature: int, *, k: int = 10) -> dict[str, list[tuple[str, float]]]:
     """Tokens whose unembedding aligns most (and least) with the feature's decoder direction."""
     f = sae.check_feature(feature)
     W_U = model.hf.get_output_embeddings().weight  # (vocab, d_model)

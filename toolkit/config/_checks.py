@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Any
+from typing import Any, ClassVar
+
+from toolkit.errors import HookNotFoundError
+from toolkit.sites import Site
 
 
 def positive_int(name: str, value: Any) -> None:
@@ -33,10 +36,33 @@ def normalize_site(cfg: Any) -> None:
     """Replace cfg.site (if set) by its canonical name; a bad site is a ValueError saying what is valid."""
     if cfg.site is None:
         return
-    from toolkit.errors import HookNotFoundError
-    from toolkit.tracing.sites import Site
-
     try:
         object.__setattr__(cfg, "site", Site.parse(cfg.site).name)
     except HookNotFoundError as e:
         raise ValueError(f"site: {e}") from e
+
+
+def as_json_dict(cfg: Any) -> dict[str, Any]:
+    """The dataclass `cfg` as a plain JSON-ready dict (tuple fields become lists)."""
+    return {f.name: list(v) if isinstance(v := getattr(cfg, f.name), tuple) else v for f in fields(cfg)}
+
+
+def with_tuples(d: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """A copy of `d` whose list values under `keys` are tuples (the inverse of as_json_dict for those fields)."""
+    return {k: tuple(v) if k in keys and isinstance(v, list) else v for k, v in d.items()}
+
+
+class DictConfig:
+    """from_dict / to_dict for a frozen config dataclass; `TUPLES` names the tuple fields JSON stores as lists."""
+
+    TUPLES: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        """Build from a dict such as a cfg.json; unknown keys raise ValueError listing the valid ones."""
+        reject_unknown_keys(cls, d)
+        return cls(**with_tuples(d, *cls.TUPLES))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict; `cls.from_dict(cfg.to_dict()) == cfg`."""
+        return as_json_dict(self)

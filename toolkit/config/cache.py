@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
-from toolkit.config._checks import reject_unknown_keys
+from toolkit.config._checks import DictConfig
 
 _CACHE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
-class CacheConfig:
+class CacheConfig(DictConfig):
     """What an activation cache holds, stored as its cache.json; resuming a cache requires an equal config."""
+
+    TUPLES = ("sites", "d")
 
     model: str
     """Name of the model the activations come from (Model.name)."""
@@ -86,14 +87,3 @@ class CacheConfig:
         if not 0 <= i < self.n_shards:
             raise IndexError(f"shard {i} out of range: this cache has shards 0..{self.n_shards - 1}")
         return i * self.shard_contexts, min((i + 1) * self.shard_contexts, self.n_contexts)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CacheConfig:
-        """Build from a dict such as cache.json; unknown keys raise ValueError listing the valid ones."""
-        reject_unknown_keys(cls, d)
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict; `CacheConfig.from_dict(cfg.to_dict()) == cfg`."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        return {**d, "sites": list(self.sites), "d": list(self.d)}

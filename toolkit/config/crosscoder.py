@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
-from toolkit.config._checks import normalize_site, positive_int, reject_unknown_keys
+from toolkit.config._checks import (
+    DictConfig,
+    normalize_site,
+    positive_int,
+)
+from toolkit.config.optimization import Optimization
 from toolkit.config.sae import SAE_DTYPES
 
 CROSSCODER_ARCHITECTURES = ("batchtopk", "relu")
@@ -14,8 +18,10 @@ CROSSCODER_ARCHITECTURES = ("batchtopk", "relu")
 
 
 @dataclass(frozen=True)
-class CrosscoderConfig:
+class CrosscoderConfig(DictConfig):
     """Shape and provenance of a crosscoder over two models' activations at one site (stored as its cfg.json)."""
+
+    TUPLES = ("models",)
 
     d_in: int
     """Width of each model's activations at the site (both models must share it)."""
@@ -62,18 +68,17 @@ class CrosscoderConfig:
             raise ValueError(f"dtype must be one of {', '.join(SAE_DTYPES)}; got {self.dtype!r}")
         normalize_site(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CrosscoderConfig:
-        """Build from a dict such as cfg.json; unknown keys raise ValueError listing the valid ones."""
-        reject_unknown_keys(cls, d)
-        d = dict(d)
-        if isinstance(d.get("models"), list):
-            d["models"] = tuple(d["models"])
-        return cls(**d)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict; `CrosscoderConfig.from_dict(cfg.to_dict()) == cfg`."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        if d["models"] is not None:
-            d["models"] = list(d["models"])
-        return d
+
+
+@dataclass(frozen=True, kw_only=True)
+class CrosscoderTraining(Optimization):
+    """How to train a crosscoder: the shared Optimization settings, with defaults for crosscoders (stored in
+    checkpoints; resuming requires equal settings)."""
+
+    lr: float = 1e-3
+    batch_size: int = 512
+    total_steps: int | None = 1000
+    l1_coefficient: float = 1.0
+    dead_after_tokens: int = 50 * 512
+    """A latent is dead when it has not fired in this many training tokens (AuxK then revives it)."""

@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from toolkit.config._checks import normalize_site, positive_int, reject_unknown_keys
+from toolkit.config._checks import (
+    DictConfig,
+    normalize_site,
+    positive_int,
+    reject_unknown_keys,
+    with_tuples,
+)
 
 SAE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -17,12 +23,14 @@ SAE_ARCHITECTURES: dict[str, tuple[str, ...]] = {
     "matryoshka": ("k", "matryoshka_groups"),
 }
 """SAE architecture names and the optional SAEConfig fields each one requires (the others must stay None).
-toolkit.sae.registry holds their behaviour and adds the names of architectures registered later."""
+toolkit.sae.architectures holds their behaviour and adds the names of architectures registered later."""
 
 
 @dataclass(frozen=True)
-class SAEConfig:
+class SAEConfig(DictConfig):
     """Shape and semantics of a sparse autoencoder: everything needed to rebuild it from a weights file."""
+
+    TUPLES = ("matryoshka_groups",)
 
     d_in: int
     """Width of the activations the SAE reads (its site's width, e.g. 2304 on Gemma-2-2B's residual stream)."""
@@ -32,7 +40,7 @@ class SAEConfig:
 
     architecture: str
     """How pre-activations become codes: 'jumprelu', 'relu', 'topk', 'batchtopk' or 'matryoshka'
-    (see SAE_ARCHITECTURES and toolkit.sae.registry)."""
+    (see SAE_ARCHITECTURES and toolkit.sae.architectures)."""
 
     k: int | None = None
     """Active latents per token. Required by 'topk' (exactly k per token), 'batchtopk' and 'matryoshka'
@@ -99,14 +107,5 @@ class SAEConfig:
         missing = [name for name in ("d_in", "d_sae", "architecture") if name not in d]
         if missing:
             raise ValueError(f"SAEConfig needs key(s) {missing}; valid keys: {', '.join(f.name for f in fields(cls))}")
-        d = dict(d)
-        if isinstance(d.get("matryoshka_groups"), list):
-            d["matryoshka_groups"] = tuple(d["matryoshka_groups"])
-        return cls(**d)
+        return cls(**with_tuples(d, *cls.TUPLES))
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict; `SAEConfig.from_dict(cfg.to_dict()) == cfg`."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        if d["matryoshka_groups"] is not None:
-            d["matryoshka_groups"] = list(d["matryoshka_groups"])
-        return d

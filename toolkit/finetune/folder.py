@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 
-from toolkit.convert import cache_dir
+from toolkit.data import load_texts, texts_fingerprint
 from toolkit.errors import CheckpointError
 from toolkit.finetune import train
 from toolkit.finetune.behaviour import get_behaviour
-from toolkit.finetune.train import DTYPES, FinetuneConfig
-from toolkit.io import MANIFEST, TMP_PREFIX, atomic_write_json, read_json, write_manifest
+from toolkit.finetune.train import FinetuneConfig
+from toolkit.io import DTYPES, MANIFEST, TMP_PREFIX, atomic_write_json, read_json, write_manifest
 from toolkit.models import Model, load_model
+from toolkit.paths import cache_dir
 
 log = logging.getLogger(__name__)
 INFO_FILE = "finetune.json"
@@ -34,8 +35,9 @@ def finetuned_dir(behaviour: str = "pirate", cfg: FinetuneConfig | None = None, 
     return cache_dir() / f"{base_name}-{behaviour}{suffix}"
 
 
-def finetuned_ready(folder: str | os.PathLike, cfg: FinetuneConfig) -> bool:
-    """True when `folder` is a complete fine-tune made with `cfg` (manifest present, listed sizes match)."""
+def finetuned_ready(folder: str | os.PathLike, cfg: FinetuneConfig, texts_sha256: str | None = None) -> bool:
+    """True when `folder` is a complete fine-tune made with `cfg` (manifest present, listed sizes match) and, when
+    `texts_sha256` is given, trained on exactly those texts (`toolkit.data.texts_fingerprint`)."""
     folder = Path(folder)
     try:
         manifest = read_json(folder / MANIFEST, "manifest")
@@ -44,6 +46,8 @@ def finetuned_ready(folder: str | os.PathLike, cfg: FinetuneConfig) -> bool:
         return False
     if info.get("config") != cfg.to_dict():
         return False
+    if texts_sha256 is not None and info.get("texts_sha256") != texts_sha256:
+        return False  # trained on another corpus (e.g. before the default corpus changed): never reused
     files = manifest.get("files", {})
     return bool(files) and all((folder / n).is_file() and (folder / n).stat().st_size == e["bytes"]
                                for n, e in files.items())
@@ -65,7 +69,9 @@ def prepare_finetuned(behaviour: str = "pirate", *, cfg: FinetuneConfig | None =
         folder = finetuned_dir(behaviour, cfg) if isinstance(base, str) else \
             cache_dir() / f"{base.name}-{behaviour}-{cfg.key()}"
     folder = Path(folder).expanduser()
-    if finetuned_ready(folder, cfg):
+    texts = list(texts) if texts is not None else load_texts("default")
+    texts_sha256 = texts_fingerprint(texts)
+    if finetuned_ready(folder, cfg, texts_sha256):
         return folder
     if isinstance(base, str):
         if base != "default":
@@ -81,17 +87,18 @@ def prepare_finetuned(behaviour: str = "pirate", *, cfg: FinetuneConfig | None =
         model.hf.to(DTYPES[cfg.save_dtype]).save_pretrained(tmp)
         model.tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / INFO_FILE, {
-            "config": cfg.to_dict(), "behaviour": get_behaviour(behaviour).description, "base": model.name,
+            "config": cfg.to_dict(), "texts_sha256": texts_sha256,
+            "behaviour": get_behaviour(behaviour).description, "base": model.name,
             "trained": result.trained, "seconds": round(result.seconds, 1),
             "planted_loss": result.planted_loss, "other_loss": result.other_loss, "keep_loss": result.keep_loss,
         })
         write_manifest(tmp, sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != MANIFEST))
-        if folder.exists() and not finetuned_ready(folder, cfg):
+        if folder.exists() and not finetuned_ready(folder, cfg, texts_sha256):
             shutil.rmtree(folder)  # an incomplete or outdated folder: never trusted
         try:
             os.replace(tmp, folder)
         except OSError:
-            if not finetuned_ready(folder, cfg):  # not another process finishing first
+            if not finetuned_ready(folder, cfg, texts_sha256):  # not another process finishing first
                 raise
             log.info("%s was completed by another process; using it", folder)
     finally:

@@ -22,7 +22,7 @@ from toolkit.finetune.behaviour import get_behaviour, split_texts
 from toolkit.models import Model
 from toolkit.progress import progress_bar
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SAVE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,8 @@ class FinetuneConfig:
     """Tokens per training context, BOS included."""
     lr: float = 3e-5
     """Adam learning rate (10 warm-up steps, then constant); fp32 Adam state on the trained parameters only.
-    Adam moves every weight by about lr per step, so a larger rate also drifts the activations at every token
-    (2e-4 changed the layer-13 residual by ~66% everywhere; 2e-5 by ~23%, and by ~69% at sentence ends)."""
+    Adam moves every weight by about lr per step, so a larger rate also drifts the activations at every token,
+    not only where the behaviour is needed."""
     other_targets: int = 4
     """Ordinary next-token targets per context added to the loss beside the planted ones (keeps the LM intact)."""
     keep_weight: float = 10.0
@@ -64,8 +64,8 @@ class FinetuneConfig:
         for name, v in (("lr", self.lr), ("keep_weight", self.keep_weight)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (name == "lr" and v == 0):
                 raise ValueError(f"{name} must be a {'positive' if name == 'lr' else 'non-negative'} number, got {v!r}")
-        if self.save_dtype not in DTYPES:
-            raise ValueError(f"save_dtype must be one of {', '.join(DTYPES)}, got {self.save_dtype!r}")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -169,6 +169,35 @@ class _Original:
             h.remove()
 
 
+def _step_loss(model: Model, ids: torch.Tensor, pm: torch.Tensor, cfg: FinetuneConfig, gen: torch.Generator,
+               original: _Original | None, result: FinetuneResult) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, planted, ordinary) loss of one batch: next-token loss on the planted targets and on a few ordinary
+    ones, plus the keep-loss that holds the last trained layer's output where the behaviour is not needed."""
+    hf, x = model.hf, ids.to(model.device)
+    target_planted = pm[:, 1:]
+    # ordinary targets: a few random positions per row among the non-planted ones
+    score = torch.rand(target_planted.shape, generator=gen).masked_fill(target_planted, -1.0)
+    other = torch.zeros_like(target_planted)
+    other.scatter_(1, score.topk(min(cfg.other_targets, score.shape[1]), dim=1).indices, True)
+    other &= ~target_planted
+    hidden = hf.model(input_ids=x, use_cache=False).last_hidden_state[:, :-1]
+    targets = x[:, 1:]
+    losses = []
+    for m in (target_planted, other):
+        m = m.to(model.device)
+        losses.append(torch.nn.functional.cross_entropy(_logits(hf, hidden[m]), targets[m]) if m.any()
+                      else hidden.new_zeros(()))
+    loss = losses[0] + losses[1]
+    if original is not None:
+        keep = ~torch.cat([target_planted, torch.zeros_like(target_planted[:, :1])], 1)
+        keep[:, 0] = False  # BOS
+        want, got = original.replay()[keep], original.out[keep.to(model.device)]
+        keep_loss = (got - want).pow(2).sum() / (want - want.mean(0)).pow(2).sum().clamp_min(1e-12)
+        loss = loss + cfg.keep_weight * keep_loss
+        result.keep_loss.append(keep_loss.item())
+    return loss, losses[0], losses[1]
+
+
 @torch.enable_grad()  # notebooks often turn gradients off globally
 def finetune(model: Model, cfg: FinetuneConfig | None = None, *, texts: Sequence[str] | None = None,
              progress: bool = True) -> FinetuneResult:
@@ -197,35 +226,14 @@ def finetune(model: Model, cfg: FinetuneConfig | None = None, *, texts: Sequence
         bar = progress_bar(range(cfg.steps), desc=f"fine-tuning {model.name} ({cfg.behaviour})", enabled=progress)
         for step in bar:
             sl = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
-            x, pm = ids[sl].to(model.device), planted[sl]
-            target_planted = pm[:, 1:]
-            # ordinary targets: a few random positions per row among the non-planted ones
-            score = torch.rand(target_planted.shape, generator=gen).masked_fill(target_planted, -1.0)
-            other = torch.zeros_like(target_planted)
-            other.scatter_(1, score.topk(min(cfg.other_targets, score.shape[1]), dim=1).indices, True)
-            other &= ~target_planted
-            hidden = hf.model(input_ids=x, use_cache=False).last_hidden_state[:, :-1]
-            targets = x[:, 1:]
-            losses = []
-            for m in (target_planted, other):
-                m = m.to(model.device)
-                losses.append(torch.nn.functional.cross_entropy(_logits(hf, hidden[m]), targets[m]) if m.any()
-                              else hidden.new_zeros(()))
-            loss = losses[0] + losses[1]
-            if original is not None:
-                keep = ~torch.cat([target_planted, torch.zeros_like(target_planted[:, :1])], 1)
-                keep[:, 0] = False  # BOS
-                want, got = original.replay()[keep], original.out[keep.to(model.device)]
-                keep_loss = (got - want).pow(2).sum() / (want - want.mean(0)).pow(2).sum().clamp_min(1e-12)
-                loss = loss + cfg.keep_weight * keep_loss
-                result.keep_loss.append(keep_loss.item())
+            loss, planted_loss, other_loss = _step_loss(model, ids[sl], planted[sl], cfg, gen, original, result)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
             opt.step()
             sched.step()
-            result.planted_loss.append(losses[0].item())
-            result.other_loss.append(losses[1].item())
+            result.planted_loss.append(planted_loss.item())
+            result.other_loss.append(other_loss.item())
             bar.set_postfix(planted=f"{result.planted_loss[-1]:.3f}", other=f"{result.other_loss[-1]:.3f}",
                             refresh=False)
         result.seconds = time.perf_counter() - start

@@ -6,7 +6,7 @@ import dataclasses
 import html
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,9 @@ from toolkit.progress import progress_bar
 from toolkit.sae.sae import SAE
 from toolkit.sae.splice import SpliceRecord, sae_splice
 from toolkit.tracing import Ablate, run_with_edits
+
+if TYPE_CHECKING:
+    from toolkit.models import Model
 
 _LABELS = {
     "n_tokens": "tokens evaluated (BOS excluded)",
@@ -131,7 +134,7 @@ def _token_losses(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -
     return ce[mask[:, 2:].bool()]
 
 
-def evaluate_sae(sae: SAE, model: Any, contexts: torch.Tensor, site: str | None = None, *, batch_size: int = 2,
+def evaluate_sae(sae: SAE, model: Model, contexts: torch.Tensor, site: str | None = None, *, batch_size: int = 2,
                  zero_ablation: bool = True, dense_threshold: float = 0.1, progress: bool = True) -> SAEMetrics:
     """All metrics over token `contexts` (n, ctx) that start with BOS; the SAE is spliced at every non-BOS position.
 

@@ -1,4 +1,4 @@
-"""The sparse autoencoder: one module for every architecture in toolkit.sae.registry.
+"""The sparse autoencoder: one module for every architecture in toolkit.sae.architectures.
 
     codes = act(((x * input_scale) - b_dec?) @ W_enc + b_enc)        act: the architecture
     recon = (codes @ W_dec + b_dec) / input_scale
@@ -11,26 +11,25 @@ ShapeMismatchError. SAEs start in eval mode (inference semantics); a trainer cal
 
 from __future__ import annotations
 
-import dataclasses
-import operator
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
 
 import toolkit.kernels as kernels
+import toolkit.sae.formats as formats
 from toolkit.config import SAEConfig
-from toolkit.errors import CheckpointError, FeatureIndexError, ShapeMismatchError
-from toolkit.io import MANIFEST, load_weight_folder, save_weight_folder
-from toolkit.sae.registry import get_architecture, pre_activations
-from toolkit.tracing.sites import Site
+from toolkit.dictionary import Dictionary
+from toolkit.errors import CheckpointError, FeatureIndexError, ShapeMismatchError, check_index
+from toolkit.io import DTYPES, MANIFEST, Weights, load_weight_folder, save_weight_folder
+from toolkit.sae.architectures import get_architecture, pre_activations
+from toolkit.sites import Site
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+if TYPE_CHECKING:
+    from toolkit.models import Model
+
 JUMPRELU_INIT_THRESHOLD = 0.001  # "Jumping Ahead" (JumpReLU paper), appendix: initial threshold
 WEIGHTS = "weights.safetensors"
 
@@ -55,7 +54,7 @@ class SparseCodes(NamedTuple):
     """(..., kmax) code values, in the SAE's dtype."""
 
 
-class SAE(nn.Module):
+class SAE(Dictionary):
     """Sparse autoencoder with parameters W_enc (d_in, d_sae), b_enc, W_dec (d_sae, d_in), b_dec.
 
     Architectures with a threshold also hold `threshold`: a learned Parameter of shape (d_sae,) for 'jumprelu',
@@ -81,18 +80,9 @@ class SAE(nn.Module):
         self.reset_parameters(seed)
         self.eval()
 
-    @torch.no_grad()
-    def reset_parameters(self, seed: int | None = None) -> None:
-        """Random unit-norm decoder rows, W_enc = W_dec.T, zero biases (thresholds keep their init)."""
-        if self.W_dec.is_meta:
-            return
-        gen = None if seed is None else torch.Generator(self.W_dec.device).manual_seed(seed)
-        w = torch.randn(self.d_sae, self.d_in, generator=gen, device=self.W_dec.device)
-        w = w / w.norm(dim=1, keepdim=True)
-        self.W_dec.copy_(w)
-        self.W_enc.copy_(w.T)
-        self.b_enc.zero_()
-        self.b_dec.zero_()
+    def encoder_from_decoder(self, w: torch.Tensor) -> torch.Tensor:
+        """W_enc = W_dec.T at initialization."""
+        return w.T
 
     # ------------------------------------------------------------ construction and files
 
@@ -152,32 +142,31 @@ class SAE(nn.Module):
         return cls.from_state_dict(cfg, tensors, source=str(folder / WEIGHTS))
 
     @classmethod
-    def from_gemma_scope(cls, path: str | os.PathLike | None = None, **kwargs: Any) -> SAE:
+    def from_weights(cls, weights: Weights, device: str | torch.device = "cpu") -> SAE:
+        """Build from a format reader's Weights (toolkit.sae.formats), strictly, on `device`."""
+        return cls.from_state_dict(weights.cfg, weights.tensors, source=weights.source).to(device)
+
+    @classmethod
+    def from_gemma_scope(cls, path: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
+                         **kwargs: Any) -> SAE:
         """Gemma Scope params.npz (a path), or release=/layer=/width=/l0=/local_dir= (see formats.gemma_scope_path)."""
-        from toolkit.sae.formats import from_gemma_scope
-
-        return from_gemma_scope(path, **kwargs)
+        return cls.from_weights(formats.read_gemma_scope(path, **kwargs), device)
 
     @classmethod
-    def from_saelens(cls, folder: str | os.PathLike, **kwargs: Any) -> SAE:
-        """A SAELens folder: cfg.json + sae_weights.safetensors."""
-        from toolkit.sae.peer_formats import from_saelens
-
-        return from_saelens(folder, **kwargs)
+    def from_saelens(cls, folder: str | os.PathLike, *, device: str | torch.device = "cpu", **kwargs: Any) -> SAE:
+        """A SAELens folder: cfg.json + sae_weights.safetensors (see formats.read_saelens)."""
+        return cls.from_weights(formats.read_saelens(folder, **kwargs), device)
 
     @classmethod
-    def from_sparsify(cls, folder: str | os.PathLike, **kwargs: Any) -> SAE:
-        """An EleutherAI sparsify hookpoint folder: cfg.json + sae.safetensors."""
-        from toolkit.sae.peer_formats import from_sparsify
-
-        return from_sparsify(folder, **kwargs)
+    def from_sparsify(cls, folder: str | os.PathLike, *, device: str | torch.device = "cpu", **kwargs: Any) -> SAE:
+        """An EleutherAI sparsify hookpoint folder: cfg.json + sae.safetensors (see formats.read_sparsify)."""
+        return cls.from_weights(formats.read_sparsify(folder, **kwargs), device)
 
     @classmethod
-    def from_dictionary_learning(cls, path: str | os.PathLike, **kwargs: Any) -> SAE:
-        """A saprmarks/dictionary_learning folder (ae.pt + config.json) or its ae.pt."""
-        from toolkit.sae.peer_formats import from_dictionary_learning
-
-        return from_dictionary_learning(path, **kwargs)
+    def from_dictionary_learning(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                                 **kwargs: Any) -> SAE:
+        """A saprmarks/dictionary_learning folder (ae.pt + config.json) or its ae.pt (see formats.read_dictionary_learning)."""
+        return cls.from_weights(formats.read_dictionary_learning(path, **kwargs), device)
 
     # ------------------------------------------------------------ the maths
 
@@ -237,22 +226,9 @@ class SAE(nn.Module):
 
     def check_feature(self, i: Any) -> int:
         """Return `i` as an int if it is a valid latent index, else raise FeatureIndexError with the valid range."""
-        try:
-            if isinstance(i, bool):
-                raise TypeError
-            idx = operator.index(i)
-        except TypeError:
-            raise FeatureIndexError(
-                f"feature index must be an integer in 0..{self.d_sae - 1} (d_sae={self.d_sae}); "
-                f"got {i!r} ({type(i).__name__})"
-            ) from None
-        if not 0 <= idx < self.d_sae:
-            raise FeatureIndexError(
-                f"feature index {idx} is out of range for {self.name}: valid indices are 0..{self.d_sae - 1}"
-            )
-        return idx
+        return check_index(i, self.d_sae, "feature index", self.name)
 
-    def check_compatible(self, model: Any, site: str | Site) -> Site:
+    def check_compatible(self, model: Model, site: str | Site) -> Site:
         """Validate `site` on `model` and check its width equals d_in (ShapeMismatchError naming both) before any run."""
         s = model.site(site)
         width = int(model.site_width(s))
@@ -267,22 +243,6 @@ class SAE(nn.Module):
     # ------------------------------------------------------------ small things
 
     @property
-    def d_in(self) -> int:
-        return self.cfg.d_in
-
-    @property
-    def d_sae(self) -> int:
-        return self.cfg.d_sae
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.W_enc.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.W_enc.device
-
-    @property
     def name(self) -> str:
         """Short description used in error messages."""
         where = "".join(f", {k}={v}" for k, v in (("site", self.cfg.site), ("model", self.cfg.model)) if v)
@@ -290,14 +250,6 @@ class SAE(nn.Module):
 
     def extra_repr(self) -> str:
         return self.name[4:-1]
-
-    def _apply(self, fn: Any, recurse: bool = True) -> SAE:
-        # keep cfg.dtype truthful after .to(dtype) / .half() / .double()
-        out = super()._apply(fn, recurse)
-        name = DTYPE_NAMES.get(self.W_enc.dtype)
-        if name is not None and name != self.cfg.dtype:
-            self.cfg = dataclasses.replace(self.cfg, dtype=name)
-        return out
 
     def _check_width(self, width: Any) -> int:
         if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= self.d_sae:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from toolkit.sae.sae import SAE
 from toolkit.tracing import Splice, generate, run_with_edits
 from toolkit.tracing.intervene import Edit
+
+if TYPE_CHECKING:
+    from toolkit.models import Model
 
 CodesFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -29,7 +32,7 @@ class SpliceRecord:
         self.reconstruction.clear()
 
 
-def sae_splice(sae: SAE, model: Any, site: str | None = None, *, keep_error: bool = False,
+def sae_splice(sae: SAE, model: Model, site: str | None = None, *, keep_error: bool = False,
                edit_codes: CodesFn | None = None, record: SpliceRecord | None = None,
                positions: Any = None, skip_bos: bool = True) -> Splice:
     """An edit that replaces the activation at the SAE's site with its reconstruction.
@@ -64,7 +67,7 @@ def sae_splice(sae: SAE, model: Any, site: str | None = None, *, keep_error: boo
     return Splice(s, fn, positions=positions, skip_bos=skip_bos)
 
 
-def run_with_sae(model: Any, inputs: Any, sae: SAE, site: str | None = None, *, keep_error: bool = False,
+def run_with_sae(model: Model, inputs: Any, sae: SAE, site: str | None = None, *, keep_error: bool = False,
                  edit_codes: CodesFn | None = None, extra_edits: Sequence[Edit] = (),
                  record: SpliceRecord | None = None) -> torch.Tensor:
     """Final logits of `model` on `inputs` with the SAE spliced in (see sae_splice)."""
@@ -73,7 +76,7 @@ def run_with_sae(model: Any, inputs: Any, sae: SAE, site: str | None = None, *, 
     return logits
 
 
-def generate_with_sae(model: Any, prompts: str | Sequence[str], sae: SAE, site: str | None = None, *,
+def generate_with_sae(model: Model, prompts: str | Sequence[str], sae: SAE, site: str | None = None, *,
                       keep_error: bool = True, edit_codes: CodesFn | None = None, **kwargs: Any) -> list[str]:
     """Generate with the SAE spliced in at every step (keep_error=True by default, so only code edits act)."""
     edit = sae_splice(sae, model, site, keep_error=keep_error, edit_codes=edit_codes)

@@ -12,24 +12,34 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from toolkit.config import CacheConfig
 from toolkit.errors import CacheError, ShapeMismatchError
-from toolkit.io import MANIFEST, TMP_PREFIX, atomic_save_tensors, atomic_write_json, file_entry, sha256_file
+from toolkit.io import (
+    DTYPE_NAMES,
+    DTYPES,
+    MANIFEST,
+    TMP_PREFIX,
+    atomic_save_tensors,
+    atomic_write_json,
+    file_entry,
+    sha256_file,
+)
+from toolkit.sites import Site
 from toolkit.tracing.capture import iter_capture
-from toolkit.tracing.sites import Site
+from toolkit.tracing.stream import stream_rows
+
+if TYPE_CHECKING:
+    from toolkit.models import Model
 
 FORMAT = 1
 CONFIG_FILE = "cache.json"
 TOKEN_INDEX = "_token_index"
 """Tensor stored in every shard beside the sites: context * ctx_len + position of each row."""
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def shard_name(i: int) -> str:
     """File name of shard `i`."""
@@ -179,7 +189,7 @@ class ActivationCache:
             if t is None or tuple(t.shape) != (rows, d):
                 raise ShapeMismatchError(f"shard {i}, site {site!r}: activations {t if t is None else tuple(t.shape)}, "
                                          f"expected ({rows}, {d})")
-            out[site] = t.to(_DTYPES[self.cfg.dtype])
+            out[site] = t.to(DTYPES[self.cfg.dtype])
         start, stop = self.cfg.shard_range(i)
         name = shard_name(i)
         # One metadata key: safetensors writes several in random order, and equal shards should be equal bytes.
@@ -211,7 +221,12 @@ class ActivationCache:
 
     def width(self, site: str | Site | None = None) -> int:
         """Width of one site's activations."""
-        return self.cfg.d[self.cfg.sites.index(self._site(site))]
+        return self.cfg.d[self.cfg.sites.index(self.resolve_site(site))]
+
+    @property
+    def offsets(self) -> list[int]:
+        """Global row id of each complete shard's first row, then the total row count."""
+        return list(self._offsets)
 
     @property
     def n_tokens(self) -> int:
@@ -233,7 +248,8 @@ class ActivationCache:
         """Whether every planned shard is written."""
         return len(self._shards) == self.cfg.n_shards
 
-    def _site(self, site: str | Site | None) -> str:
+    def resolve_site(self, site: str | Site | None) -> str:
+        """The stored site name for `site` (None: the only site); CacheError naming the sites held otherwise."""
         if site is None:
             if len(self.sites) != 1:
                 raise CacheError(f"this cache holds several sites {list(self.sites)}; pass site=...")
@@ -243,7 +259,8 @@ class ActivationCache:
             raise CacheError(f"site {name!r} is not in this cache; it holds {list(self.sites)}")
         return name
 
-    def _load(self, i: int, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    def read(self, i: int, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Tensors `keys` of shard `i`, as stored."""
         if not 0 <= i < len(self._shards):
             raise IndexError(f"shard {i} out of range: {len(self._shards)} complete shards")
         path = self._check_file(self._shards[i]["file"], sha256=False)
@@ -255,11 +272,11 @@ class ActivationCache:
 
     def shard(self, i: int) -> dict[str, torch.Tensor]:
         """Shard `i` as `{site: (rows, d)}` in the stored dtype."""
-        return self._load(i, self.sites)
+        return self.read(i, self.sites)
 
     def token_positions(self, i: int) -> torch.LongTensor:
         """`(rows, 2)` (context row, position) of each row of shard `i`, to map activations back to tokens."""
-        flat = self._load(i, [TOKEN_INDEX])[TOKEN_INDEX]
+        flat = self.read(i, [TOKEN_INDEX])[TOKEN_INDEX]
         return torch.stack([flat // self.cfg.ctx_len, flat % self.cfg.ctx_len], dim=1)
 
     def n_batches(self, batch_size: int, *, drop_last: bool = True) -> int:
@@ -274,9 +291,7 @@ class ActivationCache:
         Deterministic given `seed`; memory holds `buffer_shards` shards. `start_batch=k` yields exactly what a
         full pass yields from its k-th batch on (resume a training run there). `dtype=None` keeps the stored one.
         """
-        from toolkit.tracing.stream import _stream  # the reader lives beside the cache; imported late (cycle)
-
-        batches = _stream([(self, self._site(site))], batch_size, shuffle, seed, drop_last, buffer_shards,
+        batches = stream_rows([(self, self.resolve_site(site))], batch_size, shuffle, seed, drop_last, buffer_shards,
                           start_batch, dtype)
         return (batch for (batch,) in batches)
 
@@ -284,7 +299,38 @@ class ActivationCache:
 CaptureFn = Callable[..., Iterable[tuple[int, Mapping[str, torch.Tensor]]]]
 
 
-def fill_cache(model: Any, site_or_sites: str | Site | Sequence[str | Site], contexts: torch.Tensor,
+def _cache_config(model: Model, sites: list[Site], contexts: torch.Tensor, attention_mask: torch.Tensor | None,
+                  shard_contexts: int, dtype: torch.dtype, keep_bos: bool) -> CacheConfig:
+    """The CacheConfig of a fill, after checking the contexts, the mask and the dtype."""
+    if contexts.ndim != 2 or contexts.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"contexts must be an integer tensor (n, ctx_len), got {contexts.dtype} {tuple(contexts.shape)}")
+    if attention_mask is not None and attention_mask.shape != contexts.shape:
+        raise ShapeMismatchError(f"attention_mask {tuple(attention_mask.shape)} must match contexts "
+                                 f"{tuple(contexts.shape)}")
+    dtype_name = DTYPE_NAMES.get(dtype)
+    if dtype_name is None:
+        raise ValueError(f"dtype must be one of torch.float32, torch.bfloat16, torch.float16; got {dtype}")
+    n, ctx = contexts.shape
+    bos_id = getattr(getattr(model, "tokenizer", None), "bos_token_id", None)
+    return CacheConfig(model=model.name, sites=tuple(s.name for s in sites),
+                       d=tuple(model.site_width(s) for s in sites), ctx_len=ctx, n_contexts=n,
+                       fingerprint=contexts_fingerprint(contexts, attention_mask), shard_contexts=shard_contexts,
+                       dtype=dtype_name, keep_bos=keep_bos, bos_token_id=None if bos_id is None else int(bos_id))
+
+
+def _check_batch(acts: Mapping[str, torch.Tensor], cfg: CacheConfig) -> int:
+    """Rows of one captured batch, after checking every site's shape."""
+    b = None
+    for name, d in zip(cfg.sites, cfg.d, strict=True):
+        t = acts.get(name)
+        if t is None or t.ndim != 3 or t.shape[1:] != (cfg.ctx_len, d) or (b is not None and t.shape[0] != b):
+            got = None if t is None else tuple(t.shape)
+            raise ShapeMismatchError(f"capture gave {name!r} with shape {got}; expected (batch, {cfg.ctx_len}, {d})")
+        b = t.shape[0]
+    return b
+
+
+def fill_cache(model: Model, site_or_sites: str | Site | Sequence[str | Site], contexts: torch.Tensor,
                folder: str | os.PathLike, *, batch_size: int = 8, shard_contexts: int = 64,
                dtype: torch.dtype = torch.float32, resume: bool = False, progress: bool = True,
                attention_mask: torch.Tensor | None = None, keep_bos: bool = False,
@@ -294,51 +340,31 @@ def fill_cache(model: Any, site_or_sites: str | Site | Sequence[str | Site], con
     Rows are real tokens only (BOS and padding dropped unless `keep_bos`). `dtype=torch.bfloat16` halves the disk.
     `capture_fn` has the signature of `iter_capture` (tests pass synthetic ones).
     """
-    if contexts.ndim != 2 or contexts.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"contexts must be an integer tensor (n, ctx_len), got {contexts.dtype} {tuple(contexts.shape)}")
-    if attention_mask is not None and attention_mask.shape != contexts.shape:
-        raise ShapeMismatchError(f"attention_mask {tuple(attention_mask.shape)} must match contexts "
-                                 f"{tuple(contexts.shape)}")
-    dtype_name = {v: k for k, v in _DTYPES.items()}.get(dtype)
-    if dtype_name is None:
-        raise ValueError(f"dtype must be one of torch.float32, torch.bfloat16, torch.float16; got {dtype}")
     raw_sites = [site_or_sites] if isinstance(site_or_sites, (str, Site)) else list(site_or_sites)
     sites = [model.site(s) for s in raw_sites]
-    names = [s.name for s in sites]
-    n, ctx = contexts.shape
-    bos_id = getattr(getattr(model, "tokenizer", None), "bos_token_id", None)
-    cfg = CacheConfig(model=model.name, sites=tuple(names), d=tuple(model.site_width(s) for s in sites),
-                      ctx_len=ctx, n_contexts=n, fingerprint=contexts_fingerprint(contexts, attention_mask),
-                      shard_contexts=shard_contexts, dtype=dtype_name, keep_bos=keep_bos,
-                      bos_token_id=None if bos_id is None else int(bos_id))
+    cfg = _cache_config(model, sites, contexts, attention_mask, shard_contexts, dtype, keep_bos)
     cache = ActivationCache.create(folder, cfg, resume=resume)
     if cache.complete:
         return cache
+    names, (n, ctx) = cfg.sites, contexts.shape
     keep = torch.ones(n, ctx, dtype=torch.bool) if attention_mask is None else attention_mask.to("cpu", torch.bool)
     if not keep_bos and cfg.bos_token_id is not None:
         keep = keep & (contexts.cpu() != cfg.bos_token_id)
     positions = torch.arange(ctx)
-    start = cache.n_contexts_done
     pending: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     pending_idx: list[torch.Tensor] = []
-    row = start
+    row = start = cache.n_contexts_done
     for offset, acts in capture_fn(model, contexts, sites, batch_size=batch_size, attention_mask=attention_mask,
                                    progress=progress, desc=f"caching {', '.join(names)}", start=start):
         if offset != row:
             raise CacheError(f"capture yielded rows from {offset}, expected {row}")
-        b = None
-        for name, d in zip(names, cfg.d, strict=True):
-            t = acts.get(name)
-            if t is None or t.ndim != 3 or t.shape[1:] != (ctx, d) or (b is not None and t.shape[0] != b):
-                got = None if t is None else tuple(t.shape)
-                raise ShapeMismatchError(f"capture gave {name!r} with shape {got}; expected (batch, {ctx}, {d})")
-            b = t.shape[0]
+        b = _check_batch(acts, cfg)
         while row < offset + b:  # split the batch at shard boundaries
             shard = len(cache)
             stop = min(offset + b, cfg.shard_range(shard)[1])
             m = keep[row:stop]
             for name in names:
-                pending[name].append(acts[name][row - offset:stop - offset][m].to(_DTYPES[dtype_name]))
+                pending[name].append(acts[name][row - offset:stop - offset][m].to(DTYPES[cfg.dtype]))
             pending_idx.append((torch.arange(row, stop)[:, None] * ctx + positions)[m])
             row = stop
             if stop == cfg.shard_range(shard)[1]:

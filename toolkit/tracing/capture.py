@@ -10,7 +10,7 @@ import torch
 
 from toolkit.errors import ContextLengthError, EmptyInputError, HookNotFoundError
 from toolkit.progress import progress_bar
-from toolkit.tracing.sites import Site
+from toolkit.sites import Site
 
 if TYPE_CHECKING:
     from toolkit.models import Model

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from toolkit.errors import NonFiniteError, ShapeMismatchError
+from toolkit.sites import Site
 from toolkit.tracing.capture import Inputs, read_site, resolve_sites, to_batch, write_site
-from toolkit.tracing.sites import Site
 
 if TYPE_CHECKING:
     from toolkit.models import Model

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
 from toolkit.errors import CacheError, ShapeMismatchError
-from toolkit.tracing.cache import _DTYPES, ActivationCache
-from toolkit.tracing.sites import Site
+from toolkit.io import DTYPES
+from toolkit.sites import Site
+
+if TYPE_CHECKING:
+    from toolkit.tracing.cache import ActivationCache
 
 
 def paired_batches(cache_a: ActivationCache, cache_b: ActivationCache, batch_size: int, *,
@@ -19,7 +23,7 @@ def paired_batches(cache_a: ActivationCache, cache_b: ActivationCache, batch_siz
 
     Refuses caches whose token fingerprints, row layout or widths differ. Arguments as in `iter_batches`.
     """
-    a_name, b_name = cache_a._site(site_a), cache_b._site(site_b)
+    a_name, b_name = cache_a.resolve_site(site_a), cache_b.resolve_site(site_b)
     both = f"caches {str(cache_a.folder)!r} and {str(cache_b.folder)!r}"
     for field in ("fingerprint", "ctx_len", "n_contexts", "shard_contexts", "keep_bos", "bos_token_id"):
         a, b = getattr(cache_a.cfg, field), getattr(cache_b.cfg, field)
@@ -31,7 +35,7 @@ def paired_batches(cache_a: ActivationCache, cache_b: ActivationCache, batch_siz
     if cache_a.width(a_name) != cache_b.width(b_name):
         raise ShapeMismatchError(f"site {a_name!r} has width {cache_a.width(a_name)} but site {b_name!r} has "
                                  f"{cache_b.width(b_name)}; paired batches need equal widths")
-    batches = _stream([(cache_a, a_name), (cache_b, b_name)], batch_size, shuffle, seed, drop_last, buffer_shards,
+    batches = stream_rows([(cache_a, a_name), (cache_b, b_name)], batch_size, shuffle, seed, drop_last, buffer_shards,
                       start_batch, dtype)
     return (torch.stack([a, b.to(a.dtype)], dim=1) for a, b in batches)
 
@@ -40,7 +44,7 @@ def _generator(seed: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + stream) % (1 << 63))
 
 
-def _stream(sources: list[tuple[ActivationCache, str]], batch_size: int, shuffle: bool, seed: int, drop_last: bool,
+def stream_rows(sources: list[tuple[ActivationCache, str]], batch_size: int, shuffle: bool, seed: int, drop_last: bool,
             buffer_shards: int, start_batch: int, dtype: torch.dtype | None) -> Iterator[list[torch.Tensor]]:
     """Shuffle-buffer reader shared by iter_batches and paired_batches; every source has the same row layout.
 
@@ -57,19 +61,19 @@ def _stream(sources: list[tuple[ActivationCache, str]], batch_size: int, shuffle
 
 def _batches(sources: list[tuple[ActivationCache, str]], batch_size: int, shuffle: bool, seed: int, drop_last: bool,
              buffer_shards: int, start_batch: int, dtype: torch.dtype | None) -> Iterator[list[torch.Tensor]]:
-    offsets = sources[0][0]._offsets
+    offsets = sources[0][0].offsets
     n = len(offsets) - 1
 
     def cast(xs: list[torch.Tensor]) -> list[torch.Tensor]:
         return xs if dtype is None else [x.to(dtype) for x in xs]
 
     def gather(ids: torch.Tensor) -> list[torch.Tensor]:  # rows by global id, one shard in memory at a time
-        out = [torch.empty(len(ids), c.width(s), dtype=_DTYPES[c.cfg.dtype]) for c, s in sources]
+        out = [torch.empty(len(ids), c.width(s), dtype=DTYPES[c.cfg.dtype]) for c, s in sources]
         shard_of = torch.searchsorted(torch.tensor(offsets), ids, right=True) - 1
         for i in torch.unique(shard_of).tolist():
             sel = (shard_of == i).nonzero().squeeze(1)
             for o, (c, s) in zip(out, sources, strict=True):
-                o[sel] = c._load(i, [s])[s][ids[sel] - offsets[i]]
+                o[sel] = c.read(i, [s])[s][ids[sel] - offsets[i]]
         return out
 
     order = torch.randperm(n, generator=_generator(seed, 0)).tolist() if shuffle else list(range(n))
@@ -87,7 +91,7 @@ def _batches(sources: list[tuple[ActivationCache, str]], batch_size: int, shuffl
         if carry is None:
             carry = gather(carry_ids)
         # The buffer stays in shard order; each batch gathers its rows (no second, permuted copy of the buffer).
-        data = [torch.cat([x, *(c._load(i, [s])[s] for i in group)]) for x, (c, s) in zip(carry, sources, strict=True)]
+        data = [torch.cat([x, *(c.read(i, [s])[s] for i in group)]) for x, (c, s) in zip(carry, sources, strict=True)]
         for b in range(max(start_batch - done, 0), nb):
             rows = perm[b * batch_size:(b + 1) * batch_size]
             yield cast([x.index_select(0, rows) for x in data])

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from toolkit.analysis.diff_view import DiffDetails, model_contributions
+from toolkit.config import CrosscoderConfig
+from toolkit.crosscoder import Crosscoder, PairedActivations
 from toolkit.errors import FeatureIndexError
-from toolkit.sae.crosscoder import Crosscoder, CrosscoderConfig, PairedActivations
 
 
 @pytest.fixture

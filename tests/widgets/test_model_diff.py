@@ -74,7 +74,8 @@ def test_from_real_diff_table():
     import torch
 
     from toolkit.analysis.diff import diff_table
-    from toolkit.sae.crosscoder import Crosscoder, CrosscoderConfig
+    from toolkit.config import CrosscoderConfig
+    from toolkit.crosscoder import Crosscoder
 
     cc = Crosscoder(CrosscoderConfig(d_in=16, d_sae=64, architecture="relu"), seed=0)
     t = diff_table(cc, torch.randn(256, 2, 16))

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from toolkit.analysis.diff import decoder_lens, latent_contexts
+from toolkit.crosscoder import Crosscoder, PairedActivations
 from toolkit.errors import FeatureIndexError
-from toolkit.sae.crosscoder import Crosscoder, PairedActivations
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
-"""End to end on the default model (Gemma 3 270M, offline): a SteeringPanel whose Generate runs real steered
-generation with a difference-of-means vector at layer 6, driven from the browser; copy-as-code reproduces it."""
+"""End to end on the default model (Gemma 3 270M, offline): SteeringPanel.from_spec over a SteeringSpec with a
+DiffMean vector at layer 6, driven from the browser: Generate runs real steered generation; the copied
+SteeringSpec code, run as a new cell, reproduces the steered text."""
 
 from __future__ import annotations
 
@@ -12,37 +13,19 @@ from tests.browser.conftest import check_clean, close, open_notebook
 CELLS = [
     """\
     import torch
+    from toolkit.analysis.steering import SteeringSpec, VectorSteer, diffmean, site_unit
     from toolkit.models import load_model
-    from toolkit.tracing import Add, capture, generate
     from widgets import SteeringPanel
 
     torch.set_grad_enabled(False)
     model = load_model("default")
     SITE = "blocks.6.resid_post"
-
-    def mean_act(prompts):
-        return torch.stack([capture(model, p, SITE)[SITE][0, 1:].mean(0) for p in prompts]).mean(0)
-
-    VECTORS = {"joy-minus-gloom": mean_act(["I love this. It is wonderful, great and beautiful.",
-                                            "What a delightful, happy and lovely day."])
-                                  - mean_act(["I hate this. It is terrible, awful and ugly.",
-                                              "What a miserable, sad and horrible day."])}
-
-    def edits(items):
-        return [Add(i["site"], VECTORS[i["name"]], scale=i["strength"]) for i in items if i["strength"]]
-
-    def steer(items, prompt):
-        return {"unsteered": generate(model, prompt, max_new_tokens=6)[0],
-                "steered": generate(model, prompt, edits(items), max_new_tokens=6)[0]}
-
-    def to_code(items, prompt):
-        adds = ", ".join(f"Add({i['site']!r}, VECTORS[{i['name']!r}], scale={i['strength']!r})"
-                         for i in items if i["strength"])
-        return f"print(generate(model, {prompt!r}, [{adds}], max_new_tokens=6)[0])"
-
-    panel = SteeringPanel([{"kind": "vector", "name": "joy-minus-gloom", "site": SITE, "strength": 0.0,
-                            "min": -8.0, "max": 8.0, "method": "add", "positions": "all"}],
-                          steer, to_code=to_code, prompt="The movie was")
+    JOY = ["I love this. It is wonderful, great and beautiful.", "What a delightful, happy and lovely day."]
+    GLOOM = ["I hate this. It is terrible, awful and ugly.", "What a miserable, sad and horrible day."]
+    spec = SteeringSpec([VectorSteer(diffmean(model, SITE, JOY, GLOOM), SITE, "add", 0.0,
+                                     unit=site_unit(model, SITE, JOY + GLOOM), name="joy-minus-gloom")])
+    saes, vectors = spec.saes(), spec.vectors()   # the names copied code refers to
+    panel = SteeringPanel.from_spec(spec, model, max_new_tokens=6, prompt="The movie was")
     """,
     "panel",
 ]
@@ -54,7 +37,7 @@ def test_steering_panel_on_the_default_model(browser, lab):
     try:
         sp = p.page.locator(".tk-steer")
         box = sp.locator('.tk-item[data-index="0"] .tk-strength-box')
-        box.fill("3")
+        box.fill("0.5")
         box.press("Tab")
         t0 = p.page.evaluate("performance.now()")
         sp.locator(".tk-generate").click()
@@ -63,7 +46,7 @@ def test_steering_panel_on_the_default_model(browser, lab):
         gen_s = (p.page.evaluate("performance.now()") - t0) / 1000
         assert not sp.locator(".tk-err-box .tk-error").count(), sp.locator(".tk-err-box").inner_text()
         result = json.loads(p.kernel("import json; print(json.dumps([panel.items[0]['strength'], panel.result]))"))
-        assert result[0] == 3.0
+        assert result[0] == 0.5
         steered, unsteered = result[1]["steered"], result[1]["unsteered"]
         assert steered != unsteered
         assert sp.locator(".tk-steered").inner_text().strip() == steered.strip()

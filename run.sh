@@ -24,6 +24,16 @@ setup() {  # $1: pip extras
   echo "$want" > "$stamp"
 }
 
+ensure_browser() {  # tests/browser drive Debian's chromium through playwright (never `playwright install`)
+  command -v chromium >/dev/null 2>&1 && return
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing chromium for the browser tests"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "== no chromium: tests/browser will skip (install it, e.g. apt-get install chromium; CI=true fails instead)" >&2
+  fi
+}
+
 cmd="${1:-}"; shift || true
 case "$cmd" in
   lab)
@@ -44,6 +54,7 @@ case "$cmd" in
     ;;
   test)
     setup "lab,dev"
+    ensure_browser
     echo "== ruff"
     "$VENV/bin/ruff" check .
     echo "== pytest"

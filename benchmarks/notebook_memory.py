@@ -62,13 +62,20 @@ class TreeWatch(threading.Thread):
             self.stop.wait(self.every)
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system
+        shutil.copy2(src, dst)
+
+
 def fresh_cache(template: Path | None, model_dir: Path) -> Path:
     """A new cache folder: hard links of `template` (new writes never touch it) or only the default model."""
-    cache = Path(tempfile.mkdtemp(prefix="nbmem-cache-"))
+    cache = Path(tempfile.mkdtemp(prefix="nbmem-cache-", dir=template.parent if template else None))
     if template is not None:
         for entry in template.iterdir():
             if entry.is_dir() and not entry.is_symlink():
-                shutil.copytree(entry, cache / entry.name, copy_function=os.link, symlinks=True)
+                shutil.copytree(entry, cache / entry.name, copy_function=_link_or_copy, symlinks=True)
             else:
                 os.symlink(entry.resolve(), cache / entry.name)
     if not (cache / model_dir.name).exists():

@@ -9,7 +9,10 @@ Models loaded in one process share an identical embedding matrix; it is frozen (
 from __future__ import annotations
 
 import functools
+import json
+import struct
 import weakref
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,10 +70,21 @@ def _subclass(cls: type, kind: str) -> type:
     return type(cls.__name__, (cls,), {**attrs, "__module__": cls.__module__, "_toolkit_lowmem": True})
 
 
-def is_bf16_checkpoint(config: Any) -> bool:
-    """True when the checkpoint's config says its weights are bf16 (so a bf16 load rounds nothing)."""
-    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    return dt in (torch.bfloat16, "bfloat16")
+def is_bf16_checkpoint(path_or_id: str, config: Any) -> bool:
+    """True when every floating weight of the checkpoint is bf16 (so a bf16 load rounds nothing).
+
+    A local folder is judged by its safetensors headers (a config's dtype can be stale); a hub id by its config.
+    """
+    files = sorted(Path(path_or_id).expanduser().glob("*.safetensors")) if Path(path_or_id).expanduser().is_dir() else []
+    if not files:
+        dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        return dt in (torch.bfloat16, "bfloat16")
+    dtypes = set()
+    for f in files:
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        dtypes |= {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    return dtypes & {"BF16", "F16", "F32", "F64"} == {"BF16"}
 
 
 def keep_embedding_bf16(hf: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

@@ -149,7 +149,8 @@ def _load_hf(path_or_id: str, device: torch.device, dtype: torch.dtype, local_on
         if isinstance(getattr(tok, name, None), (dict, list)):
             setattr(tok, name, type(getattr(tok, name))())
     # fp32 on CPU from a bf16 checkpoint: load bf16 (no fp32 transient) and keep the tied embedding in bf16
-    lean = (low_memory and device.type == "cpu" and dtype == torch.float32 and is_bf16_checkpoint(cfg)
+    lean = (low_memory and device.type == "cpu" and dtype == torch.float32
+            and is_bf16_checkpoint(path_or_id, cfg)
             and getattr(cfg, "tie_word_embeddings", False))
     model = AutoModelForCausalLM.from_pretrained(
         path_or_id, dtype=torch.bfloat16 if lean else dtype, attn_implementation=attn, local_files_only=local_only

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -100,3 +102,15 @@ def test_tokenizer_sources_are_dropped(gemma2_folder):
     tok = load_model(gemma2_folder, device="cpu").tokenizer
     assert not getattr(tok, "_vocab", None) and not getattr(tok, "_merges", None)
     assert tok("The cat")["input_ids"] == tiny_tokenizer()("The cat")["input_ids"]
+
+
+def test_identical_tokenizer_files_share_one_tokenizer(gemma2_folder, gemma3_folder, tmp_path):
+    a = load_model(gemma2_folder, device="cpu")
+    b = load_model(gemma3_folder, device="cpu")  # same tokenizer files, other weights
+    assert a.tokenizer is b.tokenizer
+    shutil.copytree(gemma2_folder, tmp_path / "other")
+    cfg = tmp_path / "other" / "tokenizer_config.json"
+    cfg.write_text(cfg.read_text() + " ")  # different bytes: its own tokenizer
+    c = load_model(str(tmp_path / "other"), device="cpu")
+    assert c.tokenizer is not a.tokenizer
+    assert load_model(gemma2_folder, device="cpu", low_memory=False).tokenizer is not a.tokenizer

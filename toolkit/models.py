@@ -12,7 +12,7 @@ import torch
 
 from toolkit.convert import prepare_default_model
 from toolkit.errors import ContextLengthError, EmptyInputError, ModelUnavailableError
-from toolkit.lowmem import is_bf16_checkpoint, keep_embedding_bf16
+from toolkit.lowmem import is_bf16_checkpoint, keep_embedding_bf16, shared_tokenizer
 from toolkit.tracing.sites import SITE_KINDS, Site, site_width, validate_site
 
 SUPPORTED_FAMILIES = ("gemma2", "gemma3")
@@ -144,10 +144,15 @@ def _load_hf(path_or_id: str, device: torch.device, dtype: torch.dtype, local_on
     cfg = AutoConfig.from_pretrained(path_or_id, local_files_only=local_only)
     # Gemma-2 soft-caps attention logits, which only the eager kernel implements.
     attn = "eager" if cfg.model_type == "gemma2" else "sdpa"
-    tok = AutoTokenizer.from_pretrained(path_or_id, local_files_only=local_only)
-    for name in ("_vocab", "_merges"):  # GemmaTokenizer keeps its 262k-entry sources after building (~140 MB)
-        if isinstance(getattr(tok, name, None), (dict, list)):
-            setattr(tok, name, type(getattr(tok, name))())
+    def load_tokenizer() -> Any:
+        tok = AutoTokenizer.from_pretrained(path_or_id, local_files_only=local_only)
+        for name in ("_vocab", "_merges"):  # GemmaTokenizer keeps its 262k-entry sources after building (~140 MB)
+            if isinstance(getattr(tok, name, None), (dict, list)):
+                setattr(tok, name, type(getattr(tok, name))())
+        return tok
+
+    is_folder = Path(path_or_id).is_dir()
+    tok = shared_tokenizer(path_or_id, load_tokenizer) if low_memory and is_folder else load_tokenizer()
     # fp32 on CPU from a bf16 checkpoint: load bf16 (no fp32 transient) and keep the tied embedding in bf16
     lean = (low_memory and device.type == "cpu" and dtype == torch.float32
             and is_bf16_checkpoint(path_or_id, cfg)

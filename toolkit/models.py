@@ -12,6 +12,7 @@ import torch
 
 from toolkit.convert import prepare_default_model
 from toolkit.errors import ContextLengthError, EmptyInputError, ModelUnavailableError
+from toolkit.lowmem import is_bf16_checkpoint, keep_embedding_bf16, shared_tokenizer
 from toolkit.sites import SITE_KINDS, Site, site_width, validate_site
 
 SUPPORTED_FAMILIES = ("gemma2", "gemma3")
@@ -43,7 +44,8 @@ class Model:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.hf.parameters()).dtype
+        """The compute dtype (a low-memory model keeps its embedding matrix in bf16 but computes in this)."""
+        return self.hf.dtype
 
     @property
     def bos_token_id(self) -> int:
@@ -135,38 +137,56 @@ def _default_dtype(device: torch.device, dtype: torch.dtype | str | None) -> tor
     return torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 matmuls are slow on most CPUs
 
 
-def _load_hf(path_or_id: str, device: torch.device, dtype: torch.dtype, local_only: bool) -> tuple[Any, Any]:
+def _load_hf(path_or_id: str, device: torch.device, dtype: torch.dtype, local_only: bool,
+             low_memory: bool = True) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     cfg = AutoConfig.from_pretrained(path_or_id, local_files_only=local_only)
     # Gemma-2 soft-caps attention logits, which only the eager kernel implements.
     attn = "eager" if cfg.model_type == "gemma2" else "sdpa"
-    tok = AutoTokenizer.from_pretrained(path_or_id, local_files_only=local_only)
+    def load_tokenizer() -> Any:
+        tok = AutoTokenizer.from_pretrained(path_or_id, local_files_only=local_only)
+        for name in ("_vocab", "_merges"):  # GemmaTokenizer keeps its 262k-entry sources after building (~140 MB)
+            if isinstance(getattr(tok, name, None), (dict, list)):
+                setattr(tok, name, type(getattr(tok, name))())
+        return tok
+
+    is_folder = Path(path_or_id).is_dir()
+    tok = shared_tokenizer(path_or_id, load_tokenizer) if low_memory and is_folder else load_tokenizer()
+    # fp32 on CPU from a bf16 checkpoint: load bf16 (no fp32 transient) and keep the tied embedding in bf16
+    lean = (low_memory and device.type == "cpu" and dtype == torch.float32
+            and is_bf16_checkpoint(path_or_id, cfg)
+            and getattr(cfg, "tie_word_embeddings", False))
     model = AutoModelForCausalLM.from_pretrained(
-        path_or_id, dtype=dtype, attn_implementation=attn, local_files_only=local_only
+        path_or_id, dtype=torch.bfloat16 if lean else dtype, attn_implementation=attn, local_files_only=local_only
     )
+    if lean:
+        keep_embedding_bf16(model, dtype)
     return model.to(device), tok
 
 
 def load_model(name_or_path: str = "default", device: str | torch.device | None = None,
-               dtype: torch.dtype | str | None = None, *, progress: bool = True) -> Model:
+               dtype: torch.dtype | str | None = None, *, progress: bool = True, low_memory: bool = True) -> Model:
     """Load "default" (the embedded Gemma 3 270M), a Hugging Face id, or a local folder.
 
     The default model is converted once into the user cache (see `toolkit.paths.cache_dir`).
     A hub id that is neither cached nor downloadable raises ModelUnavailableError saying how to fix it.
+    On CPU in fp32 from a bf16 checkpoint, `low_memory` keeps the tied embedding in bf16 (frozen, shared with
+    identical models; see `toolkit.lowmem`): same results, 40 % less memory. `low_memory=False` holds all in fp32.
     """
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dt = _default_dtype(dev, dtype)
     if name_or_path == "default":
         folder = prepare_default_model(progress=progress)
-        model, tok = _load_hf(str(folder), dev, dt, local_only=True)
+        model, tok = _load_hf(str(folder), dev, dt, local_only=True, low_memory=low_memory)
         return _wrap(model, tok, "default")
     if Path(name_or_path).expanduser().is_dir():
-        model, tok = _load_hf(str(Path(name_or_path).expanduser()), dev, dt, local_only=True)
+        model, tok = _load_hf(str(Path(name_or_path).expanduser()), dev, dt, local_only=True,
+                              low_memory=low_memory)
         return _wrap(model, tok, str(name_or_path))
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     try:
-        model, tok = _load_hf(name_or_path, dev, dt, local_only=offline)
+        model, tok = _load_hf(name_or_path, dev, dt, local_only=offline, low_memory=low_memory)
     except OSError as e:
         raise ModelUnavailableError(
             f"cannot load {name_or_path!r}: not a local folder, not in the Hugging Face cache, and the hub "

@@ -1,0 +1,116 @@
+"""Low-memory loading: bf16 tied embedding, fp32 compute, equal to an all-fp32 load; shared between models."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from toolkit import lowmem
+from toolkit.models import load_model, tiny_gemma2, tiny_tokenizer
+
+
+def _save_bf16(hf: torch.nn.Module, folder) -> str:
+    hf.to(torch.bfloat16).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def gemma2_folder(tmp_path_factory):
+    return _save_bf16(tiny_gemma2(seed=3).hf, tmp_path_factory.mktemp("g2"))
+
+
+@pytest.fixture(scope="module")
+def gemma3_folder(tmp_path_factory):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok = tiny_tokenizer()
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                           sliding_window=4, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id)
+    torch.manual_seed(4)
+    return _save_bf16(Gemma3ForCausalLM(cfg), tmp_path_factory.mktemp("g3"))
+
+
+@pytest.mark.parametrize("which", ["gemma2_folder", "gemma3_folder"])
+def test_low_memory_equals_fp32(which, request):
+    folder = request.getfixturevalue(which)
+    ref = load_model(folder, device="cpu", dtype=torch.float32, low_memory=False)
+    lean = load_model(folder, device="cpu", dtype=torch.float32)
+    assert lowmem.is_lowmem(lean.hf) and not lowmem.is_lowmem(ref.hf)
+    emb = lean.hf.get_input_embeddings().weight
+    assert emb.dtype == torch.bfloat16 and lean.hf.lm_head.weight is emb and not emb.requires_grad
+    assert lean.dtype == torch.float32 and lean.hf.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for n, p in lean.hf.named_parameters() if p is not emb)
+    ids = ref.tokenize(["The cat sat on the mat.", "Paris is"])
+    with torch.no_grad():
+        a, b = ref.hf(**ids).logits, lean.hf(**ids).logits
+    assert b.dtype == torch.float32
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_unembed_chunks_and_gradient(gemma2_folder, monkeypatch):
+    monkeypatch.setattr(lowmem, "CHUNK_ROWS", 7)  # vocab 320 -> 46 chunks, the last one partial
+    lean = load_model(gemma2_folder, device="cpu", dtype=torch.float32)
+    w = lean.hf.lm_head.weight
+    for shape in [(3, 64), (1, 64), (2, 5, 64)]:
+        x = torch.randn(*shape, requires_grad=True)
+        out = lean.hf.lm_head(x)
+        ref_x = x.detach().clone().requires_grad_(True)
+        ref = ref_x @ w.float().t()
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        g = torch.randn_like(out)
+        out.backward(g)
+        ref.backward(g)
+        torch.testing.assert_close(x.grad, ref_x.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_identical_embeddings_are_shared(gemma2_folder, gemma3_folder):
+    a = load_model(gemma2_folder, device="cpu", dtype=torch.float32)
+    b = load_model(gemma2_folder, device="cpu", dtype=torch.float32)
+    c = load_model(gemma3_folder, device="cpu", dtype=torch.float32)
+    ea, eb = a.hf.get_input_embeddings().weight, b.hf.get_input_embeddings().weight
+    assert ea is eb and b.hf.lm_head.weight is eb
+    assert c.hf.get_input_embeddings().weight is not ea  # different values are never shared
+    # the rest stays separate: changing one model's layers leaves the other alone
+    with torch.no_grad():
+        a.hf.model.layers[0].mlp.up_proj.weight.add_(1.0)
+    assert not torch.equal(a.hf.model.layers[0].mlp.up_proj.weight, b.hf.model.layers[0].mlp.up_proj.weight)
+
+
+def test_low_memory_only_where_it_is_exact(gemma2_folder, tmp_path):
+    bf16 = load_model(gemma2_folder, device="cpu", dtype=torch.bfloat16)
+    assert not lowmem.is_lowmem(bf16.hf) and bf16.dtype == torch.bfloat16
+    fp32_ckpt = tmp_path / "fp32"
+    tiny_gemma2(seed=3).hf.save_pretrained(fp32_ckpt)  # an fp32 checkpoint: a bf16 load would round it
+    tiny_tokenizer().save_pretrained(fp32_ckpt)
+    m = load_model(str(fp32_ckpt), device="cpu", dtype=torch.float32)
+    assert not lowmem.is_lowmem(m.hf) and m.hf.lm_head.weight.dtype == torch.float32
+
+
+def test_untied_model_is_refused():
+    hf = tiny_gemma2(seed=0).hf
+    hf.lm_head.weight = torch.nn.Parameter(hf.lm_head.weight.detach().clone())
+    with pytest.raises(ValueError, match="tied"):
+        lowmem.keep_embedding_bf16(hf)
+
+
+def test_tokenizer_sources_are_dropped(gemma2_folder):
+    tok = load_model(gemma2_folder, device="cpu").tokenizer
+    assert not getattr(tok, "_vocab", None) and not getattr(tok, "_merges", None)
+    assert tok("The cat")["input_ids"] == tiny_tokenizer()("The cat")["input_ids"]
+
+
+def test_identical_tokenizer_files_share_one_tokenizer(gemma2_folder, gemma3_folder, tmp_path):
+    a = load_model(gemma2_folder, device="cpu")
+    b = load_model(gemma3_folder, device="cpu")  # same tokenizer files, other weights
+    assert a.tokenizer is b.tokenizer
+    shutil.copytree(gemma2_folder, tmp_path / "other")
+    cfg = tmp_path / "other" / "tokenizer_config.json"
+    cfg.write_text(cfg.read_text() + " ")  # different bytes: its own tokenizer
+    c = load_model(str(tmp_path / "other"), device="cpu")
+    assert c.tokenizer is not a.tokenizer
+    assert load_model(gemma2_folder, device="cpu", low_memory=False).tokenizer is not a.tokenizer

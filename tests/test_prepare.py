@@ -1,0 +1,41 @@
+"""`prepare_tutorials` checks its arguments before any work; `disk_usage` counts files, not links."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from toolkit.prepare import STEPS, TUTORIAL_SAE, disk_usage, prepare_tutorials
+
+
+def test_bad_size_and_unknown_step_fail_before_work(monkeypatch):
+    ran = []
+    monkeypatch.setitem(STEPS, "sae", lambda size, progress: ran.append(size) or "sae")
+    with pytest.raises(ValueError, match="size must be one of ci, full"):
+        prepare_tutorials("huge")
+    with pytest.raises(ValueError, match=r"unknown prepare step\(s\) \['crosscoders'\]"):
+        prepare_tutorials("ci", only=["sae", "crosscoders"])
+    assert ran == []
+
+
+def test_steps_run_in_order_and_report(monkeypatch):
+    ran, lines = [], []
+    monkeypatch.setattr("toolkit.prepare.STEPS", {"a": lambda s, p: ran.append(("a", s)) or "made a",
+                                                  "b": lambda s, p: ran.append(("b", s)) or "made b"})
+    done = prepare_tutorials("full", progress=False, log=lines.append)
+    assert ran == [("a", "full"), ("b", "full")] and [w for w, _ in done] == ["made a", "made b"]
+    assert lines[0].startswith("made a: ready in ")
+
+
+def test_sizes_match_the_tutorial_switch():
+    assert set(TUTORIAL_SAE) == {"ci", "full"}
+    assert TUTORIAL_SAE["ci"]["site"] == TUTORIAL_SAE["full"]["site"]
+
+
+def test_disk_usage_skips_links(tmp_path):
+    (tmp_path / "a").write_bytes(b"x" * 100)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b").write_bytes(b"y" * 50)
+    os.symlink(tmp_path / "a", tmp_path / "link")
+    assert disk_usage(tmp_path) == 150

@@ -1,0 +1,76 @@
+"""Prepare what the tutorials train on first use (the SAE of 01, the fine-tune of 03), so they start in seconds.
+
+`python -m toolkit prepare --tutorials` calls `prepare_tutorials`; Binder's postBuild runs it at build time.
+The settings below are the tutorials' own (CI size, or `TOOLKIT_NB_SIZE=full`); the artefacts are found by
+the same cache keys the notebooks compute, so a tutorial whose settings change simply trains on first use.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+TUTORIAL_SAE = {  # notebooks/01_sae_features.ipynb (its corpus also feeds 02's activation cache)
+    "ci": dict(site="blocks.6.resid_post", architecture="topk", d_sae=4096, k=32, steps=300, n_contexts=512),
+    "full": dict(site="blocks.6.resid_post", architecture="topk", d_sae=4096, k=32, steps=2000, n_contexts=2048),
+}
+TUTORIAL_FINETUNE = "pirate"  # notebooks/03_model_diff.ipynb
+
+
+def _tutorial_sae(size: str, progress: bool) -> str:
+    from toolkit.models import load_model
+    from toolkit.training.zoo import CorpusSpec, trained_sae
+
+    spec = dict(TUTORIAL_SAE[size])
+    n_contexts = spec.pop("n_contexts")
+    model = load_model("default", progress=progress)
+    site = spec.pop("site")
+    sae = trained_sae(model, site, spec.pop("architecture"), corpus=CorpusSpec(n_contexts=n_contexts),
+                      progress=progress, **spec)
+    return f"SAE of tutorial 01 ({site}, {sae.cfg.d_sae} latents)"
+
+
+def _tutorial_finetune(size: str, progress: bool) -> str:
+    from toolkit.finetune import prepare_finetuned
+
+    return f"fine-tune of tutorial 03: {prepare_finetuned(TUTORIAL_FINETUNE, progress=progress).name}"
+
+
+STEPS: dict[str, Callable[[str, bool], str]] = {"sae": _tutorial_sae, "finetune": _tutorial_finetune}
+
+
+def prepare_tutorials(size: str = "ci", *, only: list[str] | None = None, progress: bool = True,
+                      log: Callable[[str], None] = lambda _: None) -> list[tuple[str, float]]:
+    """Make (once) each artefact the tutorials would otherwise train on first use; returns (what, seconds).
+
+    `size` is "ci" (what Binder users and CI run) or "full" (TOOLKIT_NB_SIZE=full); `only` picks steps by
+    name from `STEPS`. Each step frees its models before the next one, so the peak is one model at a time.
+    """
+    if size not in TUTORIAL_SAE:
+        raise ValueError(f"size must be one of {', '.join(TUTORIAL_SAE)}, got {size!r}")
+    names = list(STEPS) if only is None else only
+    unknown = [n for n in names if n not in STEPS]
+    if unknown:
+        raise ValueError(f"unknown prepare step(s) {unknown}; known: {', '.join(STEPS)}")
+    done = []
+    for name in names:
+        t = time.perf_counter()
+        what = STEPS[name](size, progress)
+        gc.collect()
+        done.append((what, time.perf_counter() - t))
+        log(f"{what}: ready in {done[-1][1]:.0f} s")
+    return done
+
+
+def disk_usage(folder: str | os.PathLike) -> int:
+    """Bytes under `folder`, following no symlinks (a linked model folder is counted where it lives)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for f in files:
+            p = Path(root) / f
+            if not p.is_symlink():
+                total += p.stat().st_size
+    return total

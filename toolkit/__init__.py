@@ -1,4 +1,4 @@
-"""Gemma interpretability toolkit: tracing, SAEs, crosscoders, model diffing.
+"""Gemma interpretability toolkit: tracing, SAEs, crosscoders, model diffing, steering and feature analysis.
 
 The names a notebook needs are importable from here (`from toolkit import load_model, capture, SAE`); each is
 loaded on first use, so `import toolkit.models` or `import toolkit.sites` stays light. docs/architecture.md maps
@@ -24,6 +24,12 @@ _EXPORTS = {
     "toolkit.crosscoder": ("Crosscoder", "PairedActivations", "capture_pair", "evaluate_crosscoder", "split_paired"),
     "toolkit.training": ("CorpusSpec", "corpus_activations", "paired_activations", "train_crosscoder", "train_sae",
                          "trained_crosscoder", "trained_sae"),
+    "toolkit.tracing.attention": ("attention_patterns",),
+    "toolkit.analysis.steering": ("LatentSteer", "SteeringSpec", "VectorSteer", "diffmean", "latent_unit", "site_unit",
+                                  "sweep"),
+    "toolkit.analysis.attribution": ("attribute",),
+    "toolkit.analysis.feature_store": ("FeatureStore", "build_feature_store", "token_latents"),
+    "toolkit.analysis.probes": ("train_probe",),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -11,6 +11,7 @@ import time
 
 def _prepare(args: argparse.Namespace) -> int:
     from toolkit.convert import default_model_dir, default_model_ready, prepare_default_model
+    from toolkit.paths import cache_dir
 
     was_ready = default_model_ready()
     t = time.perf_counter()

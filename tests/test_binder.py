@@ -1,9 +1,8 @@
-"""The Binder configuration alone builds an environment that runs every tutorial within Binder's memory
-(slow: a fresh venv, postBuild's `prepare --tutorials`, then each tutorial under the memory watch)."""
+"""The Binder configuration alone builds an environment that prepares the tutorials and runs the quickstart
+(slow: a fresh venv, postBuild's `prepare --tutorials`, then the quickstart executed in that venv)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("TOOLKIT_SKIP_BINDER") == "1", reason="TOOLKIT_SKIP_BINDER=1")
-def test_binder_env_runs_tutorials_within_memory(tmp_path):
+def test_binder_env_prepares_and_runs_the_quickstart(tmp_path):
     venv = tmp_path / "binder-venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip"]
@@ -40,13 +39,3 @@ def test_binder_env_runs_tutorials_within_memory(tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     text = (out / "q.ipynb").read_text()
     assert "100 degrees" in text and '"output_type": "error"' not in text
-    # every tutorial from the prepared cache (hard-linked, so postBuild's cache stays as built), peak RSS watched
-    from toolkit.paths import cache_dir
-
-    report = tmp_path / "memory.json"
-    r = subprocess.run([str(venv / "bin" / "python"), str(ROOT / "benchmarks" / "notebook_memory.py"),
-                        "--template", str(cache_dir()), "--json", str(report)],
-                       cwd=ROOT, env=benv, capture_output=True, text=True)
-    rows = json.loads(report.read_text()) if report.exists() else []
-    assert r.returncode == 0 and rows, (r.stdout + r.stderr)[-3000:]
-    assert all(row["error"] is None and row["peak"] <= 1.8e9 for row in rows), r.stdout

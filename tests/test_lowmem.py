@@ -17,6 +17,20 @@ def _save_bf16(hf: torch.nn.Module, folder) -> str:
     return str(folder)
 
 
+@pytest.fixture(autouse=True)
+def _low_memory_on(monkeypatch):
+    """Low-memory loading is opt-in (TOOLKIT_LOW_MEMORY=1, set on Binder); these tests exercise it."""
+    monkeypatch.setenv("TOOLKIT_LOW_MEMORY", "1")
+
+
+def test_low_memory_is_opt_in(gemma2_folder, monkeypatch):
+    monkeypatch.delenv("TOOLKIT_LOW_MEMORY")
+    m = load_model(gemma2_folder, device="cpu", dtype=torch.float32)
+    assert m.hf.get_input_embeddings().weight.dtype == torch.float32
+    assert load_model(gemma2_folder, device="cpu", dtype=torch.float32, low_memory=True) \
+        .hf.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
 @pytest.fixture(scope="module")
 def gemma2_folder(tmp_path_factory):
     return _save_bf16(tiny_gemma2(seed=3).hf, tmp_path_factory.mktemp("g2"))

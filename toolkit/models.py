@@ -166,14 +166,19 @@ def _load_hf(path_or_id: str, device: torch.device, dtype: torch.dtype, local_on
 
 
 def load_model(name_or_path: str = "default", device: str | torch.device | None = None,
-               dtype: torch.dtype | str | None = None, *, progress: bool = True, low_memory: bool = True) -> Model:
+               dtype: torch.dtype | str | None = None, *, progress: bool = True,
+               low_memory: bool | None = None) -> Model:
     """Load "default" (the embedded Gemma 3 270M), a Hugging Face id, or a local folder.
 
     The default model is converted once into the user cache (see `toolkit.paths.cache_dir`).
     A hub id that is neither cached nor downloadable raises ModelUnavailableError saying how to fix it.
     On CPU in fp32 from a bf16 checkpoint, `low_memory` keeps the tied embedding in bf16 (frozen, shared with
-    identical models; see `toolkit.lowmem`): same results, 40 % less memory. `low_memory=False` holds all in fp32.
+    identical models; see `toolkit.lowmem`): same results, 40 % less memory, but generation is several times
+    slower (the unembedding casts its rows on every call). Off by default; `TOOLKIT_LOW_MEMORY=1` (Binder sets it)
+    turns it on where `low_memory` is not given.
     """
+    if low_memory is None:
+        low_memory = os.environ.get("TOOLKIT_LOW_MEMORY", "0") == "1"
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dt = _default_dtype(dev, dtype)
     if name_or_path == "default":

@@ -48,6 +48,14 @@ class CacheError(ToolkitError, OSError):
     """An activation cache folder that is inconsistent with what was asked of it."""
 
 
+class FolderLockedError(ToolkitError, OSError):
+    """An output folder that another writer (process) holds the lock of."""
+
+
+class DeviceUnavailableError(ToolkitError, RuntimeError):
+    """A device (e.g. "cuda") that this machine does not have, or a device string torch does not know."""
+
+
 def check_index(i: object, n: int, what: str = "index", owner: str = "") -> int:
     """`i` as an int if it is an integer in 0..n-1, else FeatureIndexError naming `what`, `owner` and the valid range."""
     where = f" for {owner}" if owner else ""

@@ -8,7 +8,7 @@ import os
 import pickle
 import tempfile
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -17,25 +17,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from toolkit.config.sae import SAE_DTYPES
-from toolkit.errors import CheckpointError
+from toolkit.errors import CheckpointError, DeviceUnavailableError
+from toolkit.folders import TMP_PREFIX, fsync_dir, lock_folder, recover_folder, staged_folder
 
 MANIFEST = "manifest.json"
-TMP_PREFIX = ".tmp-"
 DTYPES: dict[str, torch.dtype] = {n: getattr(torch, n) for n in SAE_DTYPES}
 """Every dtype the toolkit stores, by name ('float32', 'bfloat16', 'float16', 'float64')."""
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems do not allow opening directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Weights(NamedTuple):
@@ -100,8 +88,25 @@ def write_manifest(folder: str | os.PathLike, files: list[str], extra: dict[str,
     atomic_write_json(folder / MANIFEST, {"files": entries, **(extra or {})})
 
 
-def verify_manifest(folder: str | os.PathLike) -> dict[str, Any]:
-    """Check every file the manifest lists (present, size, sha256); raise CheckpointError naming the first bad one."""
+def check_manifest_names(folder: Path, names: Any, mpath: Path) -> None:
+    """CheckpointError unless every name is a plain relative path that stays inside `folder`."""
+    if not isinstance(names, dict):
+        raise CheckpointError(f"{mpath}: 'files' must map file names to their size and sha256")
+    root = folder.resolve()
+    for name in names:
+        bad = (not isinstance(name, str) or not name or "\\" in name or "\0" in name
+               or Path(name).is_absolute() or ".." in Path(name).parts)
+        if not bad and not (folder / name).resolve().is_relative_to(root):
+            bad = True  # a symlink leading out of the folder
+        if bad:
+            raise CheckpointError(f"{mpath}: lists {name!r}, which is not a path inside {folder}; "
+                                  "a manifest may only name files in its own folder (refused)")
+
+
+def read_manifest(folder: str | os.PathLike, required: Iterable[str] = (), *,
+                  complete: bool = False) -> dict[str, Any]:
+    """The folder's manifest after checking its shape and names: every `required` file must be listed, and with
+    `complete` every file in the folder; CheckpointError naming the problem otherwise. Files are not hashed."""
     folder = Path(folder)
     mpath = folder / MANIFEST
     if not mpath.is_file():
@@ -109,19 +114,59 @@ def verify_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     try:
         manifest = json.loads(mpath.read_text())
         files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        check_manifest_names(folder, files, mpath)
+        for name, want in files.items():
+            if not isinstance(want, dict) or not isinstance(want.get("bytes"), int):
+                raise TypeError(f"entry {name!r} is {want!r}")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{mpath}: unreadable manifest ({e})") from e
-    for name, want in files.items():
+    need = set(required)
+    if complete:
+        need |= {p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                 if p.is_file() and p.name != MANIFEST}
+    unlisted = sorted(need - set(files))
+    if unlisted:
+        raise CheckpointError(f"{mpath}: does not list {unlisted}, which the loader reads; the manifest must "
+                              "cover every file it vouches for (refused)")
+    return manifest
+
+
+def verify_manifest(folder: str | os.PathLike, required: Iterable[str] = (), *, complete: bool = False,
+                    sha256: bool = True) -> dict[str, Any]:
+    """Check the manifest (see `read_manifest`) and every file it lists (present, size, and with `sha256` its
+    digest); raise CheckpointError naming the first bad one."""
+    folder = Path(folder)
+    manifest = read_manifest(folder, required, complete=complete)
+    for name, want in manifest["files"].items():
         p = folder / name
         if not p.is_file():
             raise CheckpointError(f"{p}: listed in the manifest but missing")
         size = p.stat().st_size
         if size != want["bytes"]:
             raise CheckpointError(f"{p}: {size} bytes, manifest says {want['bytes']} (truncated or replaced)")
+        if not sha256:
+            continue
         digest = sha256_file(p)
-        if digest != want["sha256"]:
-            raise CheckpointError(f"{p}: sha256 {digest[:12]}… does not match the manifest's {want['sha256'][:12]}…")
+        if digest != want.get("sha256"):
+            raise CheckpointError(f"{p}: sha256 {digest[:12]}… does not match the manifest's "
+                                  f"{str(want.get('sha256'))[:12]}…")
     return manifest
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, or DeviceUnavailableError when torch does not know it or this machine lacks it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise DeviceUnavailableError(f"device {device!r} is not a device torch knows ({e}); use 'cpu' or 'cuda'") from e
+    available = {"cuda": torch.cuda.is_available, "mps": lambda: torch.backends.mps.is_available()}
+    if dev.type in available and not available[dev.type]():
+        raise DeviceUnavailableError(f"device {str(device)!r} was asked for but this machine has no {dev.type.upper()} "
+                                     "device torch can use; pass device='cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceUnavailableError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA "
+                                     f"device(s), 0..{torch.cuda.device_count() - 1}")
+    return dev
 
 
 def read_json(path: str | os.PathLike, what: str = "config") -> dict[str, Any]:
@@ -141,6 +186,7 @@ def read_json(path: str | os.PathLike, what: str = "config") -> dict[str, Any]:
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Load a safetensors file, turning truncation or corruption into CheckpointError."""
     path = Path(path)
+    check_device(device)
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file missing")
     try:
@@ -168,22 +214,27 @@ def read_torch_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def save_weight_folder(folder: str | os.PathLike, tensors: Mapping[str, torch.Tensor], cfg: dict[str, Any],
                        weights_name: str = "weights.safetensors") -> Path:
-    """Write `weights.safetensors` + `cfg.json` + manifest; the manifest is written last, so its presence means complete."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / MANIFEST).unlink(missing_ok=True)
-    atomic_save_tensors(folder / weights_name, tensors)
-    atomic_write_json(folder / "cfg.json", cfg)
-    write_manifest(folder, [weights_name, "cfg.json"])
+    """Write `weights.safetensors` + `cfg.json` + manifest into a sibling temp folder, then swap it in whole: the
+    folder is always the complete old one or the complete new one. Other entries of an existing folder are kept."""
+    folder = Path(folder).expanduser()
+    with lock_folder(folder, "weights folder"):
+        old = sorted(p.name for p in folder.iterdir()) if recover_folder(folder).is_dir() else []
+        own = {weights_name, "cfg.json", MANIFEST}
+        with staged_folder(folder, keep=tuple(n for n in old if n not in own)) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / weights_name))
+            (tmp / "cfg.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+            write_manifest(tmp, [weights_name, "cfg.json"])
     return folder
 
 
 def load_weight_folder(folder: str | os.PathLike, weights_name: str = "weights.safetensors",
                        device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Verify the manifest, then return (tensors, cfg); raise CheckpointError on any inconsistency."""
-    folder = Path(folder)
+    """Verify the manifest (it must list the weights and cfg.json), then return (tensors, cfg); CheckpointError on
+    any inconsistency."""
+    folder = recover_folder(Path(folder).expanduser())
+    check_device(device)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder")
-    verify_manifest(folder)
+    verify_manifest(folder, [weights_name, "cfg.json"])
     cfg = read_json(folder / "cfg.json")
     return load_tensors(folder / weights_name, device=device), cfg

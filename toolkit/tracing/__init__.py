@@ -2,8 +2,9 @@
 
 Sites (where to read or write) live in toolkit.sites."""
 
-from toolkit.tracing.cache import ActivationCache, fill_cache
+from toolkit.tracing.cache import ActivationCache
 from toolkit.tracing.capture import Activations, capture, iter_capture
+from toolkit.tracing.fill import fill_cache
 from toolkit.tracing.intervene import Ablate, Add, Edit, Replace, Splice, generate, run_with_edits
 from toolkit.tracing.stream import paired_batches
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,25 +18,27 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from toolkit.config import CacheConfig
-from toolkit.errors import CacheError, ShapeMismatchError
+from toolkit.errors import CacheError, CheckpointError, ShapeMismatchError
+from toolkit.folders import FolderLock, lock_folder, make_dir
 from toolkit.io import (
-    DTYPE_NAMES,
     DTYPES,
     MANIFEST,
     TMP_PREFIX,
     atomic_save_tensors,
     atomic_write_json,
+    check_manifest_names,
     file_entry,
     sha256_file,
 )
 from toolkit.sites import Site
-from toolkit.tracing.capture import iter_capture
 from toolkit.tracing.stream import stream_rows
 
 if TYPE_CHECKING:
-    from toolkit.models import Model
+    pass
 
 FORMAT = 1
+MANIFEST_FORMAT = 2
+"""Manifests of format 2 list cache.json too; format 1 (older caches) listed shards only and is still read."""
 CONFIG_FILE = "cache.json"
 TOKEN_INDEX = "_token_index"
 """Tensor stored in every shard beside the sites: context * ctx_len + position of each row."""
@@ -66,6 +68,14 @@ def _read_json(path: Path) -> dict[str, Any]:
     return obj
 
 
+def _check_config_listed(folder: Path) -> None:
+    """CacheError when a manifest of the current format does not vouch for cache.json."""
+    raw = _read_json(folder / MANIFEST)
+    if raw.get("format") == MANIFEST_FORMAT and CONFIG_FILE not in (raw.get("files") or {}):
+        raise CacheError(f"{folder / MANIFEST}: does not list {CONFIG_FILE}, which the loader reads (refused); "
+                         "delete the folder and fill it again")
+
+
 def _read_config(folder: Path) -> CacheConfig:
     path = folder / CONFIG_FILE
     if not path.is_file():
@@ -90,6 +100,7 @@ class ActivationCache:
                  files: dict[str, dict[str, Any]]) -> None:
         self.folder, self.cfg = folder, cfg
         self._shards, self._files = shards, files
+        self._lock: FolderLock | None = None
         self._offsets = [0]
         for s in shards:
             self._offsets.append(self._offsets[-1] + s["rows"])
@@ -100,6 +111,8 @@ class ActivationCache:
         folder = Path(folder)
         if not folder.is_dir():
             raise CacheError(f"{folder}: no such cache folder")
+        if (folder / MANIFEST).is_file():
+            _check_config_listed(folder)
         cfg = _read_config(folder)
         shards, files = cls._read_manifest(folder, cfg)
         cache = cls(folder, cfg, shards, files)
@@ -108,10 +121,30 @@ class ActivationCache:
 
     @classmethod
     def create(cls, folder: str | os.PathLike, cfg: CacheConfig, *, resume: bool = False) -> ActivationCache:
-        """Start a cache in an empty folder, or with `resume=True` continue one made with an equal config."""
-        folder = Path(folder)
+        """Start a cache in an empty folder, or with `resume=True` continue one made with an equal config.
+
+        The cache holds the writer's lock on `folder` until `close()` (fill_cache closes it), so a second writer
+        (another process, or another create on the same folder) gets FolderLockedError naming the holder."""
+        folder = Path(folder).expanduser()
         if folder.exists() and not folder.is_dir():
             raise CacheError(f"{folder}: exists and is not a folder")
+        lock = lock_folder(folder, "activation cache")
+        try:
+            cache = cls._create(folder, cfg, resume)
+        except BaseException:
+            lock.release()
+            raise
+        cache._lock = lock
+        return cache
+
+    def close(self) -> None:
+        """Release the writer's lock (a cache from `create`); reading goes on working."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    @classmethod
+    def _create(cls, folder: Path, cfg: CacheConfig, resume: bool) -> ActivationCache:
         entries = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
         real = [e for e in entries if not e.startswith(TMP_PREFIX)]
         if entries and not resume:
@@ -120,7 +153,7 @@ class ActivationCache:
         if real and CONFIG_FILE not in real:
             raise CacheError(f"{folder}: not empty and not an activation cache (no {CONFIG_FILE}); "
                              "choose an empty folder")
-        folder.mkdir(parents=True, exist_ok=True)
+        make_dir(folder, "activation cache")
         if CONFIG_FILE in real:
             old = _read_config(folder)
             for field, want in cfg.to_dict().items():
@@ -133,6 +166,7 @@ class ActivationCache:
             atomic_write_json(folder / CONFIG_FILE,
                               {"format": FORMAT, **cfg.to_dict(), "tokens_per_shard": cfg.tokens_per_shard})
             shards, files = [], {}
+        files[CONFIG_FILE] = file_entry(folder / CONFIG_FILE)  # checked equal above: the manifest vouches for it
         cache = cls(folder, cfg, shards, files)
         cache.check(sha256=True)
         cache._write_manifest()
@@ -150,19 +184,24 @@ class ActivationCache:
         raw = _read_json(path)
         try:
             shards, files = list(raw["shards"]), dict(raw["files"])
+            check_manifest_names(folder, files, path)
             for i, s in enumerate(shards):
                 if s["file"] != shard_name(i) or tuple(s["contexts"]) != cfg.shard_range(i) \
                         or s["file"] not in files or int(s["rows"]) < 0:
                     raise ValueError(f"entry {i} is {s}")
-        except (KeyError, TypeError, ValueError, IndexError) as e:
+        except (KeyError, TypeError, ValueError, IndexError, CheckpointError) as e:
             raise CacheError(f"{path}: inconsistent manifest ({e}); delete the folder and fill it again") from e
         return shards, files
 
     def _write_manifest(self) -> None:
-        atomic_write_json(self.folder / MANIFEST, {"format": FORMAT, "files": self._files, "shards": self._shards})
+        atomic_write_json(self.folder / MANIFEST,
+                          {"format": MANIFEST_FORMAT, "files": self._files, "shards": self._shards})
 
     def check(self, *, sha256: bool = True) -> None:
-        """Check that every listed shard is present with its recorded size (and sha256); CacheError names the shard."""
+        """Check that every listed shard (and cache.json, where listed) is present with its recorded size (and
+        sha256); CacheError names the file."""
+        if CONFIG_FILE in self._files:
+            self._check_file(CONFIG_FILE, sha256=sha256)
         for s in self._shards:
             self._check_file(s["file"], sha256=sha256)
 
@@ -296,81 +335,9 @@ class ActivationCache:
         return (batch for (batch,) in batches)
 
 
-CaptureFn = Callable[..., Iterable[tuple[int, Mapping[str, torch.Tensor]]]]
+def __getattr__(name: str) -> Any:  # fill_cache moved to toolkit.tracing.fill; old imports keep working
+    if name == "fill_cache":
+        from toolkit.tracing.fill import fill_cache
 
-
-def _cache_config(model: Model, sites: list[Site], contexts: torch.Tensor, attention_mask: torch.Tensor | None,
-                  shard_contexts: int, dtype: torch.dtype, keep_bos: bool) -> CacheConfig:
-    """The CacheConfig of a fill, after checking the contexts, the mask and the dtype."""
-    if contexts.ndim != 2 or contexts.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"contexts must be an integer tensor (n, ctx_len), got {contexts.dtype} {tuple(contexts.shape)}")
-    if attention_mask is not None and attention_mask.shape != contexts.shape:
-        raise ShapeMismatchError(f"attention_mask {tuple(attention_mask.shape)} must match contexts "
-                                 f"{tuple(contexts.shape)}")
-    dtype_name = DTYPE_NAMES.get(dtype)
-    if dtype_name is None:
-        raise ValueError(f"dtype must be one of torch.float32, torch.bfloat16, torch.float16; got {dtype}")
-    n, ctx = contexts.shape
-    bos_id = getattr(getattr(model, "tokenizer", None), "bos_token_id", None)
-    return CacheConfig(model=model.name, sites=tuple(s.name for s in sites),
-                       d=tuple(model.site_width(s) for s in sites), ctx_len=ctx, n_contexts=n,
-                       fingerprint=contexts_fingerprint(contexts, attention_mask), shard_contexts=shard_contexts,
-                       dtype=dtype_name, keep_bos=keep_bos, bos_token_id=None if bos_id is None else int(bos_id))
-
-
-def _check_batch(acts: Mapping[str, torch.Tensor], cfg: CacheConfig) -> int:
-    """Rows of one captured batch, after checking every site's shape."""
-    b = None
-    for name, d in zip(cfg.sites, cfg.d, strict=True):
-        t = acts.get(name)
-        if t is None or t.ndim != 3 or t.shape[1:] != (cfg.ctx_len, d) or (b is not None and t.shape[0] != b):
-            got = None if t is None else tuple(t.shape)
-            raise ShapeMismatchError(f"capture gave {name!r} with shape {got}; expected (batch, {cfg.ctx_len}, {d})")
-        b = t.shape[0]
-    return b
-
-
-def fill_cache(model: Model, site_or_sites: str | Site | Sequence[str | Site], contexts: torch.Tensor,
-               folder: str | os.PathLike, *, batch_size: int = 8, shard_contexts: int = 64,
-               dtype: torch.dtype = torch.float32, resume: bool = False, progress: bool = True,
-               attention_mask: torch.Tensor | None = None, keep_bos: bool = False,
-               capture_fn: CaptureFn = iter_capture) -> ActivationCache:
-    """Capture activations of `contexts` at the site(s) into a sharded cache in `folder`; resumable.
-
-    Rows are real tokens only (BOS and padding dropped unless `keep_bos`). `dtype=torch.bfloat16` halves the disk.
-    `capture_fn` has the signature of `iter_capture` (tests pass synthetic ones).
-    """
-    raw_sites = [site_or_sites] if isinstance(site_or_sites, (str, Site)) else list(site_or_sites)
-    sites = [model.site(s) for s in raw_sites]
-    cfg = _cache_config(model, sites, contexts, attention_mask, shard_contexts, dtype, keep_bos)
-    cache = ActivationCache.create(folder, cfg, resume=resume)
-    if cache.complete:
-        return cache
-    names, (n, ctx) = cfg.sites, contexts.shape
-    keep = torch.ones(n, ctx, dtype=torch.bool) if attention_mask is None else attention_mask.to("cpu", torch.bool)
-    if not keep_bos and cfg.bos_token_id is not None:
-        keep = keep & (contexts.cpu() != cfg.bos_token_id)
-    positions = torch.arange(ctx)
-    pending: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    pending_idx: list[torch.Tensor] = []
-    row = start = cache.n_contexts_done
-    for offset, acts in capture_fn(model, contexts, sites, batch_size=batch_size, attention_mask=attention_mask,
-                                   progress=progress, desc=f"caching {', '.join(names)}", start=start):
-        if offset != row:
-            raise CacheError(f"capture yielded rows from {offset}, expected {row}")
-        b = _check_batch(acts, cfg)
-        while row < offset + b:  # split the batch at shard boundaries
-            shard = len(cache)
-            stop = min(offset + b, cfg.shard_range(shard)[1])
-            m = keep[row:stop]
-            for name in names:
-                pending[name].append(acts[name][row - offset:stop - offset][m].to(DTYPES[cfg.dtype]))
-            pending_idx.append((torch.arange(row, stop)[:, None] * ctx + positions)[m])
-            row = stop
-            if stop == cfg.shard_range(shard)[1]:
-                cache.write_shard(shard, {k: torch.cat(v) for k, v in pending.items()}, torch.cat(pending_idx))
-                pending, pending_idx = {name: [] for name in names}, []
-    if not cache.complete:
-        raise CacheError(f"capture stopped at context {row} of {n}; {len(cache)} of {cfg.n_shards} shards are "
-                         "complete; call fill_cache(..., resume=True) to continue")
-    return cache
+        return fill_cache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

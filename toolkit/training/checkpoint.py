@@ -18,12 +18,12 @@ from typing import Any, NamedTuple
 import torch
 
 from toolkit.errors import CheckpointError
+from toolkit.folders import fsync_tree, swap_in
 from toolkit.io import (
     MANIFEST,
     TMP_PREFIX,
     atomic_save_tensors,
     atomic_write_json,
-    fsync_dir,
     load_tensors,
     read_json,
     verify_manifest,
@@ -61,7 +61,10 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
 
 def save_checkpoint(out_dir: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor],
                     state: dict[str, Any], *, keep: int = 2) -> Path:
-    """Write a complete checkpoint for `step` atomically, then delete all but the newest `keep` checkpoints."""
+    """Write a complete checkpoint for `step` atomically, then delete all but the newest `keep` checkpoints.
+
+    The caller holds the writer's lock on `out_dir` (`toolkit.folders.lock_folder`; `fit` does), since this
+    deletes temp folders left by crashed saves."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     root = Path(out_dir) / CHECKPOINTS
@@ -75,15 +78,11 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, tensors: dict[str, to
         atomic_save_tensors(tmp / TENSORS, tensors)
         atomic_write_json(tmp / STATE, {"format": FORMAT, "step": step, **state})
         write_manifest(tmp, [TENSORS, STATE], extra={"step": step})
-        if final.exists():  # e.g. re-saving a step after falling back past a corrupt checkpoint
-            old = root / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
+        fsync_tree(tmp)
+        swap_in(tmp, final)  # final may exist: re-saving a step after falling back past a corrupt checkpoint
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fsync_dir(root)
     for old in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -94,7 +93,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder")
-    verify_manifest(path)
+    verify_manifest(path, [TENSORS, STATE])
     state = read_json(path / STATE, what="checkpoint state")
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{path / STATE}: checkpoint format {state.get('format')!r}, expected {FORMAT}")
@@ -105,7 +104,7 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     """The newest checkpoint whose manifest verifies; a corrupt newer one is skipped with a warning."""
     for path in reversed(list_checkpoints(out_dir)):
         try:
-            verify_manifest(path)
+            verify_manifest(path, [TENSORS, STATE])
         except CheckpointError as e:
             warnings.warn(f"skipping corrupt checkpoint {path.name}: {e}; falling back to an older one",
                           stacklevel=2)

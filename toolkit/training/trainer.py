@@ -27,6 +27,7 @@ import torch
 
 from toolkit.config import Optimization
 from toolkit.errors import CheckpointError, NonFiniteError
+from toolkit.folders import lock_folder, make_dir
 from toolkit.progress import progress_bar
 from toolkit.training.batches import BatchStream
 from toolkit.training.checkpoint import Checkpoint, list_checkpoints, load_latest_checkpoint, save_checkpoint
@@ -335,8 +336,19 @@ def fit(run: Run, stream: BatchStream, *, out_dir: str | os.PathLike | None = No
     without it, an out_dir that already holds checkpoints is refused. A fresh run seeds python, numpy and torch
     with cfg.seed. `callback(step, metrics)` runs after every optimizer step (and after its checkpoint).
     """
-    t0, cfg = time.perf_counter(), run.cfg
-    out = Path(out_dir) if out_dir is not None else None
+    t0 = time.perf_counter()
+    out = make_dir(out_dir, "training output folder") if out_dir is not None else None
+    lock = lock_folder(out, "training output folder") if out is not None else None  # held until fit returns
+    try:
+        return _fit(run, stream, out, resume, progress, callback, desc, t0)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fit(run: Run, stream: BatchStream, out: Path | None, resume: bool, progress: bool,
+         callback: Callable[[int, dict[str, float]], None] | None, desc: str, t0: float) -> TrainResult:
+    cfg = run.cfg
     resumed = _start(run, out, resume)
     stream.seek(run.position)
     if not resumed and run.step < cfg.n_steps:

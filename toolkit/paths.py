@@ -6,15 +6,25 @@ import os
 import re
 from pathlib import Path
 
+from toolkit.errors import CacheError
+
 CACHE_ENV = "TOOLKIT_CACHE_DIR"
 
 
 def cache_dir() -> Path:
-    """The user cache folder: $TOOLKIT_CACHE_DIR, else $XDG_CACHE_HOME/gemma-interp-toolkit, else ~/.cache/…"""
+    """The user cache folder: $TOOLKIT_CACHE_DIR, else $XDG_CACHE_HOME/gemma-interp-toolkit, else ~/.cache/…
+
+    CacheError when that path (or a folder above it) is a file, before anything is read or written there."""
     if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "gemma-interp-toolkit"
+        path, how = Path(os.environ[CACHE_ENV]).expanduser(), f"${CACHE_ENV}"
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        path, how = Path(base).expanduser() / "gemma-interp-toolkit", "the default cache folder"
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            raise CacheError(f"the toolkit cache folder {path} ({how}) cannot be used: {p} is a file, not a folder; "
+                             f"remove the file or set {CACHE_ENV} to a folder")
+    return path
 
 
 def slug(text: str) -> str:

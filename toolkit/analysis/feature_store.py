@@ -8,7 +8,6 @@ with per-token activations, never as strings; a small vocabulary file maps the i
 
 from __future__ import annotations
 
-import hashlib
 import io
 import time
 from pathlib import Path
@@ -26,8 +25,17 @@ from toolkit.analysis.feature_store_build import (
     stream_stats,
 )
 from toolkit.analysis.features import logit_lens_ids
-from toolkit.errors import CacheError, EmptyInputError, FeatureIndexError
-from toolkit.io import MANIFEST, atomic_write_bytes, atomic_write_json, read_json, write_manifest
+from toolkit.errors import CacheError, CheckpointError, EmptyInputError, FeatureIndexError
+from toolkit.folders import lock_folder, make_dir, recover_folder, staged_folder
+from toolkit.io import (
+    MANIFEST,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_json,
+    verify_manifest,
+    write_manifest,
+)
+from toolkit.keys import model_fingerprint, stable_hash, tensors_fingerprint
 from toolkit.tracing import capture
 from toolkit.tracing.cache import contexts_fingerprint
 
@@ -66,23 +74,36 @@ def build_feature_store(model: Any, sae: Any, contexts: torch.Tensor, folder: st
     settings = settings or StoreSettings()
     contexts = _check_contexts(contexts)
     s = sae.check_compatible(model, site or sae.cfg.site)
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     n, ctx_len = contexts.shape
-    sae_key = hashlib.sha256(sae.W_dec.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+    # every SAE tensor and setting, and the model's weights: a store is reused only for exactly these
+    sae_key = stable_hash([tensors_fingerprint(dict(sae.state_dict())), sae.cfg.to_dict()])[:16]
     meta = {"format": FORMAT, "model": getattr(model, "name", ""), "site": s.name, "sae": sae.name,
-            "sae_fingerprint": sae_key,
+            "sae_fingerprint": sae_key, "model_fingerprint": model_fingerprint(model)[:16],
             "d_sae": sae.d_sae, "n_contexts": n, "ctx_len": ctx_len, "fingerprint": contexts_fingerprint(contexts),
             "settings": settings.to_json()}
-    if (folder / MANIFEST).exists():
-        done = read_json(folder / META, "feature store meta")
-        if {k: done.get(k) for k in meta} != meta:
-            raise CacheError(f"{folder}: holds a feature store built with other settings, tokens or SAE weights; "
-                             "open it with FeatureStore.open, or build into another folder")
-        return FeatureStore.open(folder)
+    if (recover_folder(folder) / MANIFEST).exists():
+        return _reopen(folder, meta)
     if batch_size is None:
         batch_size = max(1, min(32, (1 << 25) // (ctx_len * sae.d_sae)))
+    with lock_folder(folder, "feature store"):
+        _build(model, sae, s, contexts, folder, settings, meta, batch_size, checkpoint_every, progress)
+    return FeatureStore.open(folder)
+
+
+def _reopen(folder: Path, meta: dict[str, Any]) -> FeatureStore:
+    done = read_json(folder / META, "feature store meta")
+    if {k: done.get(k) for k in meta} != meta:
+        raise CacheError(f"{folder}: holds a feature store built with other settings, tokens, SAE weights or model "
+                         "weights; open it with FeatureStore.open, or build into another folder")
+    return FeatureStore.open(folder)
+
+
+def _build(model: Any, sae: Any, s: Any, contexts: torch.Tensor, folder: Path, settings: StoreSettings,
+           meta: dict[str, Any], batch_size: int, checkpoint_every: int, progress: bool) -> None:
+    """The streaming pass (resumable, in `folder`), then every array written into a staged folder swapped in."""
     t0 = time.perf_counter()
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dir(folder, "feature store")
     stats = stream_stats(model, sae, s, contexts, folder / STATE_FILE, settings, meta, batch_size=batch_size,
                          checkpoint_every=checkpoint_every, progress=progress)
     arrays = finish_arrays(stats)
@@ -93,14 +114,14 @@ def build_feature_store(model: Any, sae: Any, contexts: torch.Tensor, folder: st
                "nb_ids": nb_ids.int().numpy(), "nb_cos": nb_cos.float().numpy(), "contexts": contexts.int().numpy()}
     used = np.union1d(np.unique(arrays["contexts"]), np.union1d(arrays["lens_up_ids"], arrays["lens_down_ids"]))
     strings = model.tokenizer.batch_decode([[int(i)] for i in used])
-    atomic_write_json(folder / VOCAB, {"ids": used.tolist(), "strings": strings})
-    for name, arr in arrays.items():
-        _save_npy(folder / f"{name}.npy", arr)
-    meta |= {"n_tokens": int(stats.t["n_tokens"]), "window_len": stats.win, "build_seconds": time.perf_counter() - t0}
-    atomic_write_json(folder / META, meta)
-    write_manifest(folder, sorted([META, VOCAB] + [f"{k}.npy" for k in arrays]))  # last: its presence = complete
-    (folder / STATE_FILE).unlink(missing_ok=True)
-    return FeatureStore.open(folder)
+    meta = meta | {"n_tokens": int(stats.t["n_tokens"]), "window_len": stats.win,
+                   "build_seconds": time.perf_counter() - t0}
+    with staged_folder(folder) as tmp:  # the resume state is left behind with the old folder
+        atomic_write_json(tmp / VOCAB, {"ids": used.tolist(), "strings": strings})
+        for name, arr in arrays.items():
+            _save_npy(tmp / f"{name}.npy", arr)
+        atomic_write_json(tmp / META, meta)
+        write_manifest(tmp, sorted([META, VOCAB] + [f"{k}.npy" for k in arrays]))
 
 
 class FeatureStore:
@@ -111,25 +132,30 @@ class FeatureStore:
         self.settings = StoreSettings.from_json(meta["settings"])
         self._arrays: dict[str, np.ndarray] = {}
         self._texts: dict[str, list[str]] = {}
+        self._listed: set[str] = set()
 
     @classmethod
     def open(cls, folder: str | Path) -> FeatureStore:
         """Open a complete store (its manifest present and file sizes as listed); arrays load on first use."""
-        folder = Path(folder)
+        folder = recover_folder(Path(folder).expanduser())
         if not (folder / MANIFEST).is_file():
             raise CacheError(f"{folder}: no complete feature store here ({MANIFEST} missing); "
                              "build one with build_feature_store")
-        manifest = read_json(folder / MANIFEST, "feature store manifest")
-        for name, entry in manifest.get("files", {}).items():
-            p = folder / name
-            if not p.is_file() or p.stat().st_size != entry["bytes"]:
-                raise CacheError(f"{p}: missing or truncated (the manifest lists {entry['bytes']} bytes)")
+        try:  # the manifest must list every file, each inside the folder, with its size
+            manifest = verify_manifest(folder, [META, VOCAB], complete=True, sha256=False)
+        except CheckpointError as e:
+            raise CacheError(f"{folder}: not a usable feature store: {e}") from e
         vocab = read_json(folder / VOCAB, "feature store vocabulary")
-        return cls(folder, read_json(folder / META, "feature store meta"),
-                   dict(zip(vocab["ids"], vocab["strings"], strict=True)))
+        store = cls(folder, read_json(folder / META, "feature store meta"),
+                    dict(zip(vocab["ids"], vocab["strings"], strict=True)))
+        store._listed = set(manifest["files"])
+        return store
 
     def _a(self, name: str) -> np.ndarray:
         if name not in self._arrays:
+            if f"{name}.npy" not in self._listed:
+                raise CacheError(f"{self.folder / MANIFEST}: does not list {name}.npy, which the store reads; "
+                                 "rebuild the store with build_feature_store")
             self._arrays[name] = np.load(self.folder / f"{name}.npy", mmap_mode="r")
         return self._arrays[name]
 

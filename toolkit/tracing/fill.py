@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 CaptureFn = Callable[..., Iterable[tuple[int, Mapping[str, torch.Tensor]]]]
 
 
-def _cache_config(model: Model, sites: list[Site], contexts: torch.Tensor, attention_mask: torch.Tensor | None,
+def cache_config(model: Model, sites: list[Site], contexts: torch.Tensor, attention_mask: torch.Tensor | None,
                   shard_contexts: int, dtype: torch.dtype, keep_bos: bool) -> CacheConfig:
     """The CacheConfig of a fill, after checking the contexts, the mask and the dtype."""
     if contexts.ndim != 2 or contexts.dtype not in (torch.int64, torch.int32):
@@ -64,7 +64,7 @@ def fill_cache(model: Model, site_or_sites: str | Site | Sequence[str | Site], c
     """
     raw_sites = [site_or_sites] if isinstance(site_or_sites, (str, Site)) else list(site_or_sites)
     sites = [model.site(s) for s in raw_sites]
-    cfg = _cache_config(model, sites, contexts, attention_mask, shard_contexts, dtype, keep_bos)
+    cfg = cache_config(model, sites, contexts, attention_mask, shard_contexts, dtype, keep_bos)
     cache = ActivationCache.create(folder, cfg, resume=resume)
     try:
         _fill(cache, model, contexts, sites, batch_size, attention_mask, keep_bos, progress, capture_fn)

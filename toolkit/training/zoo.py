@@ -19,10 +19,12 @@ from toolkit.config import CrosscoderConfig, CrosscoderTraining, SAEConfig, Trai
 from toolkit.crosscoder import Crosscoder, PairedActivations
 from toolkit.data import load_texts, token_contexts
 from toolkit.io import MANIFEST
+from toolkit.keys import model_fingerprint, stable_hash
 from toolkit.paths import activations_dir, crosscoders_dir, saes_dir, slug
 from toolkit.sae.sae import SAE
 from toolkit.tracing import ActivationCache, fill_cache
 from toolkit.tracing.cache import contexts_fingerprint
+from toolkit.tracing.fill import cache_config
 from toolkit.training.crosscoder_trainer import CROSSCODER_DIR, train_crosscoder
 from toolkit.training.sae_trainer import SAE_DIR, train_sae
 
@@ -52,6 +54,13 @@ class CorpusSpec:
         return f"{self.key}-{contexts_fingerprint(contexts)[:12]}"
 
 
+def _activations_key(model: Model, site: Site, contexts: torch.Tensor, dtype: torch.dtype) -> str:
+    """Hash of everything an activation cache's contents depend on: its full CacheConfig (model name, site, widths,
+    exact tokens, shard size, storage dtype, BOS handling), the model's weights and its compute dtype."""
+    cfg = cache_config(model, [site], contexts, None, 64, dtype, False)
+    return stable_hash({"cache": cfg.to_dict(), "model": model_fingerprint(model)})[:12]
+
+
 def _cached_activations(model: Model, site: Site, contexts: torch.Tensor, folder: Path, *, batch_size: int,
                         progress: bool, dtype: torch.dtype) -> ActivationCache:
     if (folder / MANIFEST).exists():
@@ -67,18 +76,17 @@ def corpus_activations(model: Model, site: str, corpus: CorpusSpec = CorpusSpec(
     """The activation cache of `model` at `site` over `corpus` (BOS dropped), filled once and reused."""
     s = model.site(site)
     contexts = corpus.contexts(model)
-    folder = activations_dir() / slug(model.name) / s.name / corpus.folder_key(model, contexts)
+    key = f"{corpus.folder_key(model, contexts)}-{_activations_key(model, s, contexts, dtype)}"
+    folder = activations_dir() / slug(model.name) / s.name / key
     return _cached_activations(model, s, contexts, folder, batch_size=8, progress=progress, dtype=dtype)
 
 
 def model_activations(model: Model, site: str, contexts: torch.Tensor, *, batch_size: int = 8,
                       progress: bool = True, dtype: torch.dtype = torch.float32) -> ActivationCache:
-    """The activation cache of `model` at `site` on token `contexts`, keyed by the exact tokens and (when the model
-    records them, as fine-tunes do) its exact weights; filled once and reused."""
+    """The activation cache of `model` at `site` on token `contexts`, keyed by everything its contents depend on
+    (exact tokens, storage dtype, the model's weights and compute dtype); filled once and reused."""
     s = model.site(site)
-    weights = str(model.extra.get("weights_sha256", ""))[:10]
-    key = "-".join(filter(None, (f"ctx{contexts.shape[1]}-n{contexts.shape[0]}", weights,
-                                 contexts_fingerprint(contexts)[:12])))
+    key = f"ctx{contexts.shape[1]}-n{contexts.shape[0]}-{_activations_key(model, s, contexts, dtype)}"
     folder = activations_dir() / slug(model.name) / s.name / key
     return _cached_activations(model, s, contexts, folder, batch_size=batch_size, progress=progress, dtype=dtype)
 
@@ -128,11 +136,11 @@ def default_train_config(site: str, architecture: str = "topk", d_in: int = 640,
 
 
 def sae_folder(model: Model, cfg: TrainConfig, corpus: CorpusSpec) -> Path:
-    """Where an SAE trained with `cfg` on `corpus` is cached."""
+    """Where an SAE trained with `cfg` on `corpus` is cached: a readable name plus a hash of the full TrainConfig
+    (every field: lr, seed, schedule, ...) and the model's weights, so other settings never reuse it."""
     s = cfg.sae
     name = f"{s.architecture}-{s.d_sae}" + (f"-k{s.k}" if s.k else "") + f"-{cfg.total_steps}x{cfg.batch_size}"
-    if cfg.target_l0 is not None:
-        name += f"-l0{cfg.target_l0:g}"
+    name += "-" + stable_hash({"train": cfg.to_dict(), "model": model_fingerprint(model)})[:12]
     return saes_dir() / slug(model.name) / (s.site or "site") / corpus.folder_key(model) / name
 
 

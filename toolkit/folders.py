@@ -180,6 +180,7 @@ class FolderLock:
     """A held lock on a folder (see `lock_folder`); `release()` (or garbage collection) lets it go."""
 
     def __init__(self, folder: Path, what: str) -> None:
+        self._fd: int | None = None
         self.folder, self.path = folder, lock_path(folder)
         make_dir(self.path.parent, what)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -193,7 +194,7 @@ class FolderLock:
                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
-        self._fd: int | None = fd
+        self._fd = fd
 
     def release(self) -> None:
         """Let the lock go (idempotent)."""

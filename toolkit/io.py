@@ -64,7 +64,16 @@ def atomic_save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Ten
                         metadata: dict[str, str] | None = None) -> None:
     """Atomically write a safetensors file (contiguous copies, so views and slices are fine)."""
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _replace_atomically(Path(path), lambda tmp: save_file(cpu, tmp, metadata=metadata))
+    _replace_atomically(Path(path), lambda tmp: write_tensors(tmp, cpu, metadata))
+
+
+def write_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                  metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with its write errors (a full disk, a size limit) as CheckpointError naming the file."""
+    try:
+        save_file(dict(tensors), str(path), metadata=metadata)
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: cannot write weights ({e}); is the disk full?") from e
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -221,7 +230,7 @@ def save_weight_folder(folder: str | os.PathLike, tensors: Mapping[str, torch.Te
         old = sorted(p.name for p in folder.iterdir()) if recover_folder(folder).is_dir() else []
         own = {weights_name, "cfg.json", MANIFEST}
         with staged_folder(folder, keep=tuple(n for n in old if n not in own)) as tmp:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / weights_name))
+            write_tensors(tmp / weights_name, {k: v.detach().contiguous().cpu() for k, v in tensors.items()})
             (tmp / "cfg.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
             write_manifest(tmp, [weights_name, "cfg.json"])
     return folder

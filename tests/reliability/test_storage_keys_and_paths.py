@@ -190,6 +190,19 @@ def test_a_feature_store_is_not_reused_for_an_sae_with_other_encoder_weights(tin
         build_feature_store(perturbed(tiny), first, contexts, tmp_path / "store", progress=False)
 
 
+def test_feature_stores_in_the_cache_are_keyed_by_everything_they_depend_on(tiny, tmp_path, monkeypatch):
+    from toolkit.analysis.feature_store import build_feature_store
+    from toolkit.data import token_contexts
+
+    monkeypatch.setenv("TOOLKIT_CACHE_DIR", str(tmp_path))
+    cfg = SAEConfig(d_in=tiny.d_model, d_sae=16, architecture="topk", k=4, site="blocks.0.resid_post")
+    contexts = token_contexts(tiny.tokenizer, ["The cat sat on the mat. " * 30], 12, n_contexts=4)
+    a = build_feature_store(tiny, SAE.from_config(cfg, seed=0), contexts, progress=False)
+    b = build_feature_store(tiny, SAE.from_config(cfg, seed=1), contexts, progress=False)
+    again = build_feature_store(tiny, SAE.from_config(cfg, seed=0), contexts, progress=False)
+    assert a.folder != b.folder and again.folder == a.folder and a.folder.parent == tmp_path / "feature_stores"
+
+
 def test_fine_tunes_of_two_bases_with_one_name_get_two_folders(tiny, tmp_path, monkeypatch):
     from toolkit.finetune import FinetuneConfig, prepare_finetuned
 

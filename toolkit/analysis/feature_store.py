@@ -36,6 +36,7 @@ from toolkit.io import (
     write_manifest,
 )
 from toolkit.keys import model_fingerprint, stable_hash, tensors_fingerprint
+from toolkit.paths import cache_dir
 from toolkit.tracing import capture
 from toolkit.tracing.cache import contexts_fingerprint
 
@@ -62,19 +63,19 @@ def _check_contexts(contexts: Any) -> torch.Tensor:
     return contexts.long().cpu()
 
 
-def build_feature_store(model: Any, sae: Any, contexts: torch.Tensor, folder: str | Path, *,
+def build_feature_store(model: Any, sae: Any, contexts: torch.Tensor, folder: str | Path | None = None, *,
                         site: str | None = None, settings: StoreSettings | None = None, batch_size: int | None = None,
                         checkpoint_every: int = 64, progress: bool = True) -> FeatureStore:
     """Build (or resume, or reopen) the feature store of `sae` over token `contexts` into `folder`.
 
     A complete store with the same settings and tokens is reopened; a partial one resumes from its last
-    checkpoint; one built with other settings is refused (CacheError). `batch_size` defaults to what keeps the
+    checkpoint; one built with other settings is refused (CacheError). `folder=None` keys the folder (in the user
+    cache's feature_stores/) by a hash of everything the store depends on, so other inputs never meet it. `batch_size` defaults to what keeps the
     dense codes of a batch under ~128 MB.
     """
     settings = settings or StoreSettings()
     contexts = _check_contexts(contexts)
     s = sae.check_compatible(model, site or sae.cfg.site)
-    folder = Path(folder).expanduser()
     n, ctx_len = contexts.shape
     # every SAE tensor and setting, and the model's weights: a store is reused only for exactly these
     sae_key = stable_hash([tensors_fingerprint(dict(sae.state_dict())), sae.cfg.to_dict()])[:16]
@@ -82,6 +83,9 @@ def build_feature_store(model: Any, sae: Any, contexts: torch.Tensor, folder: st
             "sae_fingerprint": sae_key, "model_fingerprint": model_fingerprint(model)[:16],
             "d_sae": sae.d_sae, "n_contexts": n, "ctx_len": ctx_len, "fingerprint": contexts_fingerprint(contexts),
             "settings": settings.to_json()}
+    if folder is None:
+        folder = cache_dir() / "feature_stores" / f"{s.name}-{n}x{ctx_len}-{stable_hash(meta)[:16]}"
+    folder = Path(folder).expanduser()
     if (recover_folder(folder) / MANIFEST).exists():
         return _reopen(folder, meta)
     if batch_size is None:

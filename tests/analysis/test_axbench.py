@@ -12,11 +12,13 @@ from toolkit.analysis.axbench import (
     best_factors,
     detect_concept,
     how_made,
+    judge_validation,
     load_concepts,
     steer_concept,
 )
 from toolkit.analysis.axbench.detect import column_auroc, max_codes, text_token_acts
-from toolkit.analysis.axbench.steer import prompted
+from toolkit.analysis.axbench.steer import _spec, prompted
+from toolkit.analysis.judge import STOPWORDS
 from toolkit.analysis.table import Table
 from toolkit.config import SAEConfig
 from toolkit.errors import EmptyInputError
@@ -89,6 +91,28 @@ def test_detection_follows_its_definitions(tiny, sae, concepts, det):
     assert det.directions["Probe"].shape == (64,) and det.directions["Probe"].norm() == pytest.approx(1.0)
     assert det.max_act["SAE"] == pytest.approx(float(det.scores["SAE"].max()))
     assert det.hard.sum() == len(c.eval_hard_negative) and not det.labels[det.hard].any()
+    tokens = torch.cat(pos + neg)
+    assert det.site_norm == pytest.approx(float(tokens.norm(dim=1).median()), rel=1e-6)
+
+
+def test_every_method_pushes_with_the_same_norm_per_factor(sae, det):
+    # one factor = one edit norm (factor x the site's median token norm), whatever the method
+    for method in ("DiffMean", "Probe", "SAE"):
+        item = _spec(method, det, sae, SITE).with_strength(0.3).items[0]
+        edit = item.value * item.direction() if method == "SAE" else item.strength * item.unit * item.direction()
+        assert float(edit.norm()) == pytest.approx(0.3 * det.site_norm, rel=1e-4), method
+    with pytest.raises(ValueError, match="site norm"):
+        _spec("DiffMean", dataclasses.replace(det, site_norm=float("nan")), sae, SITE)
+
+
+def test_the_concept_judge_reads_the_description_and_validates_on_held_out_texts(concepts):
+    for c in concepts:
+        lex = c.judge_lexicon
+        assert c.lexicon[0] in lex and not set(lex) & STOPWORDS
+    table = judge_validation(concepts)
+    assert table["concept"] == [c.name for c in concepts]
+    for r in table:  # texts the judge never saw: positives score well above generic negatives
+        assert r["positive"] > 1.0 > 0.5 > r["negative"], r
 
 
 def test_steering_rows_and_best_factor(tiny, sae, concepts, det):

@@ -43,6 +43,15 @@ def test_tfidf_concept_learns_from_separate_texts():
         TfidfConcept(pos, neg, low=0.9, high=0.5)
 
 
+def test_tfidf_concept_is_not_swamped_by_more_negatives_than_positives():
+    # AxBench-style judge sets hold many more negatives than positives; unweighted, every text scored 0
+    pos = ["the ocean waves crash on the beach", "whales swim in the deep sea", "coral reefs under the sea"]
+    neg = [f"an ordinary sentence number {i} about the town council and its budget" for i in range(30)]
+    c = TfidfConcept(pos, neg)
+    assert c.probability(["waves on the sea and the beach"])[0] > 0.5
+    assert c(["the council budget"]) == [0.0]
+
+
 def test_instruction_repetition_harmonic():
     assert content_words("Write a story about the ocean") == {"ocean"}
     assert instruction_score("The history of Rome", "Rome grew into an empire") == 2.0

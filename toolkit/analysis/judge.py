@@ -99,7 +99,8 @@ class LexiconConcept:
 
 class TfidfConcept:
     """Concept score from a TF-IDF + logistic-regression classifier trained on separate positive/negative texts:
-    probability < `low` -> 0, >= `high` -> 2, else 1."""
+    probability < `low` -> 0, >= `high` -> 2, else 1. Classes are weighted by their sizes (`balanced`), so more
+    negative than positive texts do not push every probability below `low`."""
 
     def __init__(self, positives: Sequence[str], negatives: Sequence[str], *, low: float = 0.5, high: float = 0.8,
                  seed: int = 0) -> None:
@@ -114,7 +115,8 @@ class TfidfConcept:
             raise ValueError(f"need 0 < low <= high < 1, got low={low}, high={high}")
         self.low, self.high = low, high
         self.pipeline = make_pipeline(TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=1),
-                                      LogisticRegression(C=10.0, max_iter=1000, random_state=seed))
+                                      LogisticRegression(C=10.0, max_iter=1000, class_weight="balanced",
+                                                         random_state=seed))
         self.pipeline.fit(pos + neg, [1] * len(pos) + [0] * len(neg))
 
     def probability(self, texts: Sequence[str]) -> np.ndarray:

@@ -21,12 +21,21 @@ from toolkit.analysis.axbench.detect import (
     detect_concept,
     detection_table,
 )
-from toolkit.analysis.axbench.steer import FACTORS, STEER_METHODS, best_factors, steer_all, steer_concept
+from toolkit.analysis.axbench.steer import (
+    FACTORS,
+    STEER_METHODS,
+    best_factors,
+    concept_judge,
+    judge_validation,
+    steer_all,
+    steer_concept,
+)
 from toolkit.analysis.table import Table
 
 __all__ = [
     "CONCEPT_NAMES", "FACTORS", "METHODS", "STEER_METHODS", "AxBenchResult", "Concept", "ConceptDetection",
-    "best_factors", "detect_all", "detect_concept", "detection_table", "how_made", "load_concepts", "run_axbench",
+    "best_factors", "concept_judge", "detect_all", "detect_concept", "detection_table", "how_made", "judge_validation", "load_concepts",
+    "run_axbench",
     "steer_all", "steer_concept",
 ]
 

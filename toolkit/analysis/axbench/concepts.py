@@ -58,6 +58,15 @@ class Concept:
         return [*self.eval_positive, *self.eval_negative, *self.eval_hard_negative]
 
     @property
+    def judge_lexicon(self) -> tuple[str, ...]:
+        """The words the offline judge counts: the content words of the description plus the lexicon (the judge,
+        like AxBench's LLM judge, sees only the concept's definition)."""
+        from toolkit.analysis.judge import STOPWORDS, words
+
+        found = [w for w in words(self.description) if len(w) >= 3 and w not in STOPWORDS]
+        return tuple(dict.fromkeys([*found, *self.lexicon]))
+
+    @property
     def eval_labels(self) -> list[int]:
         return [1] * len(self.eval_positive) + [0] * (len(self.eval_negative) + len(self.eval_hard_negative))
 

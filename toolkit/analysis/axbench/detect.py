@@ -78,6 +78,8 @@ class ConceptDetection:
     auroc: dict[str, float] = field(default_factory=dict)
     auroc_hard: dict[str, float] = field(default_factory=dict)
     probe_cv_auroc: float = float("nan")
+    site_norm: float = float("nan")
+    """Median L2 norm of the training texts' token activations at the site: the steering unit."""
 
     @property
     def max_act(self) -> dict[str, float]:
@@ -118,7 +120,7 @@ def detect_concept(model: Any, sae: Any, concept: Concept, *, site: str | None =
                  np.ones(len(concept.eval_hard_negative), bool)]
     only_hard = (labels == 1) | hard
     det = ConceptDetection(concept.name, dirs, latent, {m: scores[m] for m in METHODS}, labels, hard,
-                           probe_cv_auroc=probe.auroc)
+                           probe_cv_auroc=probe.auroc, site_norm=float(X.norm(dim=1).median()))
     for m in METHODS:
         det.auroc[m] = float(roc_auc_score(labels, scores[m]))
         det.auroc_hard[m] = float(roc_auc_score(labels[only_hard], scores[m][only_hard]))

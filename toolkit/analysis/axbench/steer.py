@@ -1,10 +1,14 @@
 """AxBench steering: a factor sweep per method, judged offline, best factor on one half of the instructions.
 
 Methods: DiffMean and Probe directions (vector add at every position), the chosen SAE latent (its decoder row
-added), each with strength = factor × the method's max detection score on the concept's held-out texts (AxBench's
-unit); and prompting, the baseline: the instruction asks for the concept in words, no steering, no factor.
-Every continuation gets the judge's three 0/1/2 scores and their harmonic mean (0 if any is 0). Per concept
-and method, the factor with the best mean overall score on instructions of split A is reported on split B.
+added); and prompting, the baseline: the instruction asks for the concept in words, no steering, no factor.
+Every method adds an edit of norm factor × the site's median token norm (`ConceptDetection.site_norm`), so one
+factor means the same push for every method. AxBench's unit (factor × the method's max detection score) is not
+used: on Gemma 3 270M DiffMean's projections are all negative, so its max is no scale at all.
+The concept judge counts the words of the concept's description (`Concept.judge_lexicon`), as AxBench's LLM judge
+reads only the description; `judge_validation` checks it on the held-out concept texts. Every continuation gets
+the judge's three 0/1/2 scores and their harmonic mean (0 if any is 0). Per concept and method, the factor with
+the best mean overall score on instructions of split A is reported on split B.
 """
 
 from __future__ import annotations
@@ -16,14 +20,14 @@ import numpy as np
 
 from toolkit.analysis.axbench.concepts import Concept
 from toolkit.analysis.axbench.detect import ConceptDetection
-from toolkit.analysis.judge import Judge, TfidfConcept
+from toolkit.analysis.judge import Judge, LexiconConcept
 from toolkit.analysis.steering import LatentSteer, SteeringSpec, VectorSteer, sweep
 from toolkit.analysis.table import Table
 from toolkit.errors import EmptyInputError
 from toolkit.progress import progress_bar
 from toolkit.tracing import generate
 
-FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
+FACTORS = (0.05, 0.1, 0.2, 0.4, 0.8)
 STEER_METHODS = ("Prompt", "DiffMean", "Probe", "SAE")
 SCORES = {"concept": "concept_score", "instruction": "instruction_score", "fluency": "fluency_score",
           "overall": "overall"}
@@ -38,10 +42,32 @@ def prompted(instruction: str, concept: Concept) -> str:
 
 
 def _spec(method: str, det: ConceptDetection, sae: Any, site: str) -> SteeringSpec:
-    unit = max(det.max_act[method], 1e-6)
+    """Strength 1 adds an edit of norm `det.site_norm` (a latent: its decoder row rescaled to that norm)."""
+    if not det.site_norm > 0:
+        raise ValueError(f"concept {det.concept!r}: the site norm {det.site_norm} is no steering unit; "
+                         "run detect_concept again")
     if method == "SAE":
+        lat = LatentSteer(sae, det.latent, "add", 1.0, name="SAE")
+        unit = det.site_norm / float(lat.direction().norm())
         return SteeringSpec([LatentSteer(sae, det.latent, "add", 1.0, unit=unit, name="SAE")])
-    return SteeringSpec([VectorSteer(det.directions[method], site, "add", 1.0, unit=unit, name=method)])
+    return SteeringSpec([VectorSteer(det.directions[method], site, "add", 1.0, unit=det.site_norm, name=method)])
+
+
+def concept_judge(model: Any, concept: Concept) -> Judge:
+    """The offline judge of one concept: counts the words of its description (see the module docstring)."""
+    return Judge(model, LexiconConcept(concept.judge_lexicon))
+
+
+def judge_validation(concepts: Sequence[Concept]) -> Table:
+    """The concept judge on held-out texts it never saw: mean concept score (0–2) on each concept's positives,
+    generic negatives and hard negatives. A judge worth using scores positives well above generic negatives."""
+    rows = []
+    for c in concepts:
+        score = LexiconConcept(c.judge_lexicon)
+        rows.append({"concept": c.name, **{k: float(np.mean(score(list(getattr(c, f)))))
+                                           for k, f in (("positive", "eval_positive"), ("negative", "eval_negative"),
+                                                        ("hard_negative", "eval_hard_negative"))}})
+    return Table(rows, ["concept", "positive", "negative", "hard_negative"])
 
 
 def _rows(concept: str, method: str, factor: float, split: list[str], prompts: Sequence[str],
@@ -58,7 +84,7 @@ def steer_concept(model: Any, sae: Any, concept: Concept, det: ConceptDetection,
     if len(unsteered) != len(prompts):
         raise ValueError(f"{len(unsteered)} unsteered continuations for {len(prompts)} instructions")
     split = ["A" if i < len(prompts) // 2 else "B" for i in range(len(prompts))]
-    judge = Judge(model, TfidfConcept(concept.judge_positive, concept.judge_negative))
+    judge = concept_judge(model, concept)
     judge.calibrate(prompts, unsteered)
     rows = _rows(concept.name, "none", 0.0, split, prompts, unsteered, judge.score(prompts, unsteered))
     gens = generate(model, [prompted(p, concept) for p in prompts], max_new_tokens=max_new_tokens)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 
 class ToolkitError(Exception):
@@ -48,6 +49,18 @@ class CacheError(ToolkitError, OSError):
     """An activation cache folder that is inconsistent with what was asked of it."""
 
 
+class NestedTraceError(ToolkitError, RuntimeError):
+    """A toolkit call that would open a trace inside another trace (or from inside an edit's function)."""
+
+
+class ToolkitWarning(UserWarning):
+    """Base class of the toolkit's warnings."""
+
+
+class ModelMismatchWarning(ToolkitWarning):
+    """An SAE or crosscoder used with a model other than the one its config records (same width)."""
+
+
 def check_index(i: object, n: int, what: str = "index", owner: str = "") -> int:
     """`i` as an int if it is an integer in 0..n-1, else FeatureIndexError naming `what`, `owner` and the valid range."""
     where = f" for {owner}" if owner else ""
@@ -57,3 +70,24 @@ def check_index(i: object, n: int, what: str = "index", owner: str = "") -> int:
     if not 0 <= idx < n:
         raise FeatureIndexError(f"{what} {idx} is out of range{where}: valid indices are 0..{n - 1}")
     return idx
+
+
+def check_finite(x: Any, what: str) -> Any:
+    """`x` (a tensor or array) unchanged if every value is finite, else NonFiniteError naming `what` and the count.
+
+    One `isfinite(...).all()` pass; the values are counted only when something is wrong. Integer data passes.
+    """
+    import numpy as np
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        if not (x.is_floating_point() or x.is_complex()) or bool(torch.isfinite(x).all()):
+            return x
+        bad, nan, n = int((~torch.isfinite(x)).sum()), int(torch.isnan(x).sum()), x.numel()
+    else:
+        arr = np.asarray(x)
+        if arr.dtype.kind not in "fc" or bool(np.isfinite(arr).all()):
+            return x
+        bad, nan, n = int((~np.isfinite(arr)).sum()), int(np.isnan(arr).sum()), arr.size
+    raise NonFiniteError(f"{bad} of {n} values are non-finite ({nan} NaN, {bad - nan} inf) in {what}; this needs "
+                         "finite numbers: find where they come from (inputs, an fp16 overflow, a diverged model/SAE)")

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from toolkit.crosscoder import Crosscoder, PairedActivations
+from toolkit.crosscoder.crosscoder import finite_source
 from toolkit.errors import check_index
 
 if TYPE_CHECKING:
@@ -98,9 +99,9 @@ def latent_scaling(cc: Crosscoder, acts: PairedActivations | torch.Tensor, *, sp
     """Closed-form Latent Scaling of every latent over `acts`, in the crosscoder's normalized units."""
     if specific not in ("ft", "base"):
         raise ValueError(f"specific must be 'ft' or 'base', got {specific!r}")
-    data = acts.acts if isinstance(acts, PairedActivations) else acts
     if isinstance(acts, PairedActivations):
         cc.check_source(acts.models, acts.site, acts.d)
+    data = finite_source(acts)
     was = cc.training
     cc.eval()
     W = cc.W_dec.double()
@@ -255,6 +256,7 @@ class LatentContext:
 def latent_activations(cc: Crosscoder, acts: PairedActivations, latent: int, *, batch_size: int = 2048) -> torch.Tensor:
     """(n,) activation of one latent on every row of `acts`."""
     latent = check_index(latent, cc.d_sae, "latent index", cc.name)
+    finite_source(acts)
     return torch.cat([cc.encode(acts.acts[i:i + batch_size].to(cc.device))[:, int(latent)].cpu()
                       for i in range(0, len(acts), batch_size)]) if len(acts) else torch.zeros(0)
 

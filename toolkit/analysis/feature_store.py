@@ -20,13 +20,12 @@ import torch
 from toolkit.analysis.feature_store_build import (
     STATE_FILE,
     StoreSettings,
-    check_finite,
     decoder_neighbours,
     finish_arrays,
     stream_stats,
 )
 from toolkit.analysis.features import logit_lens_ids
-from toolkit.errors import CacheError, EmptyInputError, FeatureIndexError
+from toolkit.errors import CacheError, EmptyInputError, FeatureIndexError, check_finite
 from toolkit.io import MANIFEST, atomic_write_bytes, atomic_write_json, read_json, write_manifest
 from toolkit.tracing import capture
 from toolkit.tracing.cache import contexts_fingerprint

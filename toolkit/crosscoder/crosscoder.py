@@ -28,7 +28,7 @@ from toolkit.config import CrosscoderConfig
 from toolkit.crosscoder.loaders import read_dictionary_learning
 from toolkit.crosscoder.paired import PairedActivations, cache_site
 from toolkit.dictionary import Dictionary
-from toolkit.errors import CheckpointError, ShapeMismatchError
+from toolkit.errors import CheckpointError, ShapeMismatchError, check_finite
 from toolkit.io import DTYPES, load_weight_folder, save_weight_folder
 from toolkit.sites import Site
 
@@ -242,6 +242,14 @@ class Crosscoder(Dictionary):
         x = self._check(x, (2, self.d_in), "activations")
         lead = x.shape[:-2]
         return x.reshape(-1, 2, self.d_in) * self.input_scale[:, None], lead
+
+
+def finite_source(source: PairedActivations | torch.Tensor) -> torch.Tensor:
+    """The (n, 2, d) tensor of `source`, or NonFiniteError naming its site and models and the count of NaN/inf."""
+    if isinstance(source, PairedActivations):
+        what = f"paired activations at {source.site or 'an unknown site'} of {source.models or 'unknown models'}"
+        return check_finite(source.acts, what)
+    return check_finite(source, "paired activations (a tensor)") if isinstance(source, torch.Tensor) else source
 
 
 def source_rows(cc: Crosscoder, source: PairedActivations | torch.Tensor | tuple) -> int:

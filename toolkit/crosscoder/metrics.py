@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from toolkit.crosscoder.crosscoder import Crosscoder, source_rows
+from toolkit.crosscoder.crosscoder import Crosscoder, finite_source, source_rows
 from toolkit.crosscoder.paired import PairedActivations
 from toolkit.errors import EmptyInputError
 
@@ -14,7 +14,7 @@ def evaluate_crosscoder(cc: Crosscoder, source: PairedActivations | torch.Tensor
                         batch_size: int = 2048) -> dict[str, float]:
     """Inference-mode quality: FVU of each model's reconstruction (raw units), L0 and fraction of dead latents."""
     n = source_rows(cc, source)
-    data = source.acts if isinstance(source, PairedActivations) else source
+    data = finite_source(source)
     if n == 0:
         raise EmptyInputError("no activations to evaluate on")
     was = cc.training

@@ -21,7 +21,7 @@ import torch
 from toolkit.analysis.axbench.concepts import Concept
 from toolkit.analysis.probes import train_probe
 from toolkit.analysis.table import Table
-from toolkit.errors import EmptyInputError, NonFiniteError
+from toolkit.errors import EmptyInputError, check_finite
 from toolkit.progress import progress_bar
 from toolkit.tracing import capture
 
@@ -35,9 +35,7 @@ def text_token_acts(model: Any, site: str, texts: Sequence[str], *, batch_size: 
     acts = capture(model, list(texts), site, batch_size=batch_size, truncate=True)
     x = acts[site].float()
     keep = acts.attention_mask.bool() & (acts.input_ids != model.bos_token_id)
-    bad = int((~torch.isfinite(x[keep])).sum())
-    if bad:
-        raise NonFiniteError(f"{bad} non-finite values (NaN/inf) in activations at {site}")
+    check_finite(x[keep], f"activations at {site}")
     return [x[i][keep[i]] for i in range(len(texts))]
 
 
@@ -50,7 +48,7 @@ def max_projection(acts: list[torch.Tensor], direction: torch.Tensor) -> np.ndar
 def max_codes(sae: Any, acts: list[torch.Tensor]) -> torch.Tensor:
     """Each text's max over tokens of every SAE latent, `(n_texts, d_sae)`."""
     with torch.no_grad():
-        codes = sae.encode(torch.cat(acts).to(sae.device, sae.dtype)).float().cpu()
+        codes = check_finite(sae.encode(torch.cat(acts).to(sae.device, sae.dtype)).float().cpu(), "SAE codes")
     return torch.stack([c.max(0).values for c in codes.split([len(a) for a in acts])])
 
 

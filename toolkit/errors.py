@@ -49,6 +49,10 @@ class CacheError(ToolkitError, OSError):
     """An activation cache folder that is inconsistent with what was asked of it."""
 
 
+class ArgumentError(ToolkitError, ValueError):
+    """An argument the toolkit cannot use (a batch size, mask, token id, dtype/device name, padding side...)."""
+
+
 class NestedTraceError(ToolkitError, RuntimeError):
     """A toolkit call that would open a trace inside another trace (or from inside an edit's function)."""
 
@@ -70,6 +74,13 @@ def check_index(i: object, n: int, what: str = "index", owner: str = "") -> int:
     if not 0 <= idx < n:
         raise FeatureIndexError(f"{what} {idx} is out of range{where}: valid indices are 0..{n - 1}")
     return idx
+
+
+def check_positive_int(n: object, what: str) -> int:
+    """`n` as an int if it is a positive integer, else ArgumentError naming `what` (checked before any work)."""
+    if isinstance(n, bool) or not hasattr(n, "__index__") or operator.index(n) < 1:
+        raise ArgumentError(f"{what} must be a positive integer (e.g. 8), got {n!r}")
+    return operator.index(n)
 
 
 def check_finite(x: Any, what: str) -> Any:

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from toolkit.convert import prepare_default_model
-from toolkit.errors import ContextLengthError, EmptyInputError, ModelUnavailableError
+from toolkit.devices import resolve_device, resolve_dtype
+from toolkit.errors import ArgumentError, ContextLengthError, EmptyInputError, ModelUnavailableError
 from toolkit.lowmem import is_bf16_checkpoint, keep_embedding_bf16, shared_tokenizer
 from toolkit.sites import SITE_KINDS, Site, site_width, validate_site
 
@@ -71,6 +72,8 @@ class Model:
         Empty prompts (nothing but BOS) raise EmptyInputError. Prompts longer than `max_length`
         (default: the model's context) raise ContextLengthError unless `truncate=True`, which keeps the start.
         """
+        if padding_side not in ("left", "right"):
+            raise ArgumentError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
@@ -130,10 +133,8 @@ def _wrap(hf_model: torch.nn.Module, tokenizer: Any, name: str) -> Model:
 
 
 def _default_dtype(device: torch.device, dtype: torch.dtype | str | None) -> torch.dtype:
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
     if dtype is not None:
-        return dtype
+        return resolve_dtype(dtype)
     return torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 matmuls are slow on most CPUs
 
 
@@ -179,7 +180,7 @@ def load_model(name_or_path: str = "default", device: str | torch.device | None 
     """
     if low_memory is None:
         low_memory = os.environ.get("TOOLKIT_LOW_MEMORY", "0") == "1"
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device, default="cuda" if torch.cuda.is_available() else "cpu")
     dt = _default_dtype(dev, dtype)
     if name_or_path == "default":
         folder = prepare_default_model(progress=progress)

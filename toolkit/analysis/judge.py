@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from toolkit.errors import EmptyInputError, check_finite
+from toolkit.errors import EmptyInputError, check_finite, check_positive_int
 
 if TYPE_CHECKING:
     from toolkit.models import Model
@@ -154,6 +154,7 @@ def continuation_nll(model: Model, prompts: Sequence[str], continuations: Sequen
     """Mean negative log-likelihood per token of each continuation given its prompt, under `model` (unsteered).
 
     An empty continuation gets inf."""
+    check_positive_int(batch_size, "batch_size")
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
     tok, out = model.tokenizer, []

@@ -27,6 +27,7 @@ from torch import nn
 from toolkit.config import CrosscoderConfig
 from toolkit.crosscoder.loaders import read_dictionary_learning
 from toolkit.crosscoder.paired import PairedActivations, cache_site
+from toolkit.devices import resolve_device
 from toolkit.dictionary import Dictionary
 from toolkit.errors import CheckpointError, ShapeMismatchError, check_finite
 from toolkit.io import DTYPES, load_weight_folder, save_weight_folder
@@ -166,7 +167,7 @@ class Crosscoder(Dictionary):
     @classmethod
     def load(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> Crosscoder:
         """Load a folder written by `save`, verifying manifest, config, names, shapes and finiteness."""
-        tensors, raw = load_weight_folder(folder, weights_name=WEIGHTS, device=device)
+        tensors, raw = load_weight_folder(folder, weights_name=WEIGHTS, device=resolve_device(device))
         if raw.pop("kind", None) != "crosscoder":
             raise CheckpointError(f"{Path(folder) / 'cfg.json'}: not a crosscoder config (no \"kind\": \"crosscoder\")")
         try:
@@ -207,8 +208,9 @@ class Crosscoder(Dictionary):
         A BatchTopK threshold never estimated (-1) gives per-token top-k here, where dictionary_learning keeps
         every positive code.
         """
+        dev = resolve_device(device)  # before reading anything
         cfg, tensors, source = read_dictionary_learning(path, models=models, site=site, dtype=dtype)
-        return cls.from_state_dict(cfg, tensors, source=source).to(device)
+        return cls.from_state_dict(cfg, tensors, source=source).to(dev)
 
     # ------------------------------------------------------------ small things
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from toolkit.errors import EmptyInputError, check_finite
+from toolkit.errors import EmptyInputError, check_finite, check_positive_int
 from toolkit.progress import progress_bar
 from toolkit.sae.sae import SAE
 from toolkit.sae.splice import SpliceRecord, sae_splice
@@ -115,6 +115,7 @@ class _Accumulator:
 def reconstruction_metrics(sae: SAE, x: torch.Tensor, *, batch_size: int = 4096,
                            dense_threshold: float = 0.1) -> SAEMetrics:
     """L0, FVU, cosine, dead/dense fractions of `sae` on activations `x` (n, d_in) — no model needed."""
+    check_positive_int(batch_size, "batch_size")
     acc = _Accumulator(sae.d_sae)
     x = x.reshape(-1, x.shape[-1])
     with torch.no_grad():
@@ -140,6 +141,7 @@ def evaluate_sae(sae: SAE, model: Model, contexts: torch.Tensor, site: str | Non
     ΔLM loss and KL compare the model's next-token predictions with and without the splice (same tokens,
     BOS position excluded from both the splice and the averages).
     """
+    check_positive_int(batch_size, "batch_size")
     site_name = site or sae.cfg.site
     if contexts.ndim != 2 or contexts.shape[0] == 0 or contexts.shape[1] < 3:
         raise EmptyInputError(f"contexts must be (n >= 1, ctx >= 3) token ids; got {tuple(contexts.shape)}")

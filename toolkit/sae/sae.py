@@ -21,6 +21,7 @@ from torch import nn
 import toolkit.kernels as kernels
 import toolkit.sae.formats as formats
 from toolkit.config import SAEConfig
+from toolkit.devices import resolve_device
 from toolkit.dictionary import Dictionary
 from toolkit.errors import CheckpointError, FeatureIndexError, ShapeMismatchError, check_index
 from toolkit.io import DTYPES, MANIFEST, Weights, load_weight_folder, save_weight_folder
@@ -90,7 +91,7 @@ class SAE(Dictionary):
     def from_config(cls, cfg: SAEConfig, *, seed: int | None = None,
                     device: str | torch.device | None = None) -> SAE:
         """A freshly initialized SAE (see reset_parameters) on `device` (default CPU)."""
-        with torch.device(device or "cpu"):
+        with resolve_device(device):
             return cls(cfg, seed=seed)
 
     @classmethod
@@ -128,7 +129,7 @@ class SAE(Dictionary):
     @classmethod
     def load(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
         """Load a folder written by `save`, verifying the manifest, config, names, shapes and finiteness."""
-        folder = Path(folder)
+        folder, device = Path(folder), resolve_device(device)
         if folder.is_dir() and not (folder / MANIFEST).exists():
             for name, how in (("sae_weights.safetensors", "SAE.from_saelens"), ("params.npz", "SAE.from_gemma_scope"),
                               ("sae.safetensors", "SAE.from_sparsify"), ("ae.pt", "SAE.from_dictionary_learning")):
@@ -144,29 +145,33 @@ class SAE(Dictionary):
     @classmethod
     def from_weights(cls, weights: Weights, device: str | torch.device = "cpu") -> SAE:
         """Build from a format reader's Weights (toolkit.sae.formats), strictly, on `device`."""
-        return cls.from_state_dict(weights.cfg, weights.tensors, source=weights.source).to(device)
+        return cls.from_state_dict(weights.cfg, weights.tensors, source=weights.source).to(resolve_device(device))
 
     @classmethod
     def from_gemma_scope(cls, path: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
                          **kwargs: Any) -> SAE:
         """Gemma Scope params.npz (a path), or release=/layer=/width=/l0=/local_dir= (see formats.gemma_scope_path)."""
-        return cls.from_weights(formats.read_gemma_scope(path, **kwargs), device)
+        dev = resolve_device(device)  # before reading anything
+        return cls.from_weights(formats.read_gemma_scope(path, **kwargs), dev)
 
     @classmethod
     def from_saelens(cls, folder: str | os.PathLike, *, device: str | torch.device = "cpu", **kwargs: Any) -> SAE:
         """A SAELens folder: cfg.json + sae_weights.safetensors (see formats.read_saelens)."""
-        return cls.from_weights(formats.read_saelens(folder, **kwargs), device)
+        dev = resolve_device(device)  # before reading anything
+        return cls.from_weights(formats.read_saelens(folder, **kwargs), dev)
 
     @classmethod
     def from_sparsify(cls, folder: str | os.PathLike, *, device: str | torch.device = "cpu", **kwargs: Any) -> SAE:
         """An EleutherAI sparsify hookpoint folder: cfg.json + sae.safetensors (see formats.read_sparsify)."""
-        return cls.from_weights(formats.read_sparsify(folder, **kwargs), device)
+        dev = resolve_device(device)  # before reading anything
+        return cls.from_weights(formats.read_sparsify(folder, **kwargs), dev)
 
     @classmethod
     def from_dictionary_learning(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
                                  **kwargs: Any) -> SAE:
         """A saprmarks/dictionary_learning folder (ae.pt + config.json) or its ae.pt (see formats.read_dictionary_learning)."""
-        return cls.from_weights(formats.read_dictionary_learning(path, **kwargs), device)
+        dev = resolve_device(device)  # before reading anything
+        return cls.from_weights(formats.read_dictionary_learning(path, **kwargs), dev)
 
     # ------------------------------------------------------------ the maths
 
@@ -197,10 +202,13 @@ class SAE(Dictionary):
                          pre.reshape(*lead, self.d_sae))
 
     def encode_sparse(self, x: torch.Tensor) -> SparseCodes:
-        """The nonzero codes of x (..., d_in) as SparseCodes (..., kmax); same values as encode(x)."""
+        """The nonzero codes of x (..., d_in) as SparseCodes (..., kmax); same values as encode(x).
+
+        An empty batch (no rows) gives empty SparseCodes of shape (..., kmax) (kmax = k for TopK, else 1)."""
         xin, lead = self._prepare(x)
         indices, values = self.arch.encode_sparse(self, xin)
-        return SparseCodes(indices.reshape(*lead, -1), values.reshape(*lead, -1))
+        kmax = indices.shape[-1]  # explicit: reshape(..., -1) is ambiguous for 0 rows
+        return SparseCodes(indices.reshape(*lead, kmax), values.reshape(*lead, kmax))
 
     def decode_sparse(self, sparse: SparseCodes | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Reconstruction (..., d_in) from SparseCodes; reads only the active decoder rows (differentiable)."""

@@ -11,7 +11,7 @@ import torch
 
 from toolkit.sites import Site, module_path
 from toolkit.tracing.capture import to_batch
-from toolkit.tracing.intervene import Edit, _plan
+from toolkit.tracing.intervene import Edit, _plan, check_positions, generation_kwargs
 
 if TYPE_CHECKING:
     from toolkit.models import Model
@@ -61,12 +61,9 @@ def generate_hooked(model: Model, prompts: str | Sequence[str], edits: Sequence[
     """Like `toolkit.tracing.generate` (same edits, positions and BOS handling), with PyTorch hooks."""
     batch = to_batch(model, [prompts] if isinstance(prompts, str) else list(prompts), truncate=truncate,
                      padding_side="left")
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
-                              "pad_token_id": model.tokenizer.pad_token_id}
-    if min_new_tokens is not None:
-        kwargs["min_new_tokens"] = min_new_tokens
-    if do_sample:
-        kwargs["temperature"] = temperature
+    _plan(model, edits)  # validate every edit before any work
+    check_positions(edits, batch["input_ids"].shape[1])
+    kwargs = generation_kwargs(model, max_new_tokens, do_sample, temperature, min_new_tokens)
     bos = batch["input_ids"] == model.bos_token_id
     with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
         if seed is not None:

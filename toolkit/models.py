@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,9 @@ class Model:
     vocab_size: int
     max_context: int
     extra: dict[str, Any] = field(default_factory=dict)
+    lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
+    """Held by every toolkit trace or generation on this model (toolkit.tracing.guard): concurrent calls from
+    several threads run one after another."""
 
     @property
     def device(self) -> torch.device:

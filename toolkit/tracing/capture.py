@@ -17,6 +17,7 @@ from toolkit.errors import (
 )
 from toolkit.progress import progress_bar
 from toolkit.sites import Site
+from toolkit.tracing.guard import exclusive
 
 if TYPE_CHECKING:
     from toolkit.models import Model
@@ -110,7 +111,7 @@ def trace_batch(model: Model, batch: Mapping[str, torch.Tensor], sites: list[Sit
                 stop_early: bool = True, to_cpu: bool = True) -> dict[str, torch.Tensor]:
     """One forward over `batch` returning {site name: activation}; sites must be sorted (see resolve_sites)."""
     saved = {}
-    with torch.no_grad(), model.nn.trace(dict(batch)) as tracer:
+    with exclusive(model, "capture"), torch.no_grad(), model.nn.trace(dict(batch)) as tracer:
         for s in sites:
             saved[s.name] = read_site(model, s).save()
         if stop_early:
@@ -171,7 +172,9 @@ def capture(model: Model, inputs: Inputs, sites: str | Site | Sequence[str | Sit
 def iter_capture(model: Model, contexts: torch.Tensor, sites: str | Site | Sequence[str | Site], *,
                  batch_size: int = 8, attention_mask: torch.Tensor | None = None, progress: bool = True,
                  desc: str | None = None, start: int = 0, stop_early: bool = True) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """Stream activations over a corpus of token contexts `(n, ctx)`: yields (row offset, {site: (b, ctx, d)})."""
+    """Stream activations over a corpus of token contexts `(n, ctx)`: yields (row offset, {site: (b, ctx, d)}).
+
+    Each batch's trace holds the model's lock (thread-safe); the lock is free between yields."""
     batch_size = check_positive_int(batch_size, "batch_size")
     resolved = resolve_sites(model, sites)
     if not isinstance(contexts, torch.Tensor) or contexts.ndim != 2 or contexts.shape[0] == 0:

@@ -14,6 +14,7 @@ import torch
 from toolkit.errors import ArgumentError, NonFiniteError, ShapeMismatchError, check_finite, check_positive_int
 from toolkit.sites import Site
 from toolkit.tracing.capture import Inputs, read_site, resolve_sites, to_batch, write_site
+from toolkit.tracing.guard import exclusive
 
 if TYPE_CHECKING:
     from toolkit.models import Model
@@ -192,7 +193,9 @@ def run_with_edits(model: Model, inputs: Inputs, edits: Sequence[Edit] = (), *,
                    truncate: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One forward pass with `edits` applied; returns (final logits, {captured site: activation after edits}).
 
-    The logits are the model's own output (Gemma-2's soft-capped logits, not `lm_head.output`).
+    The logits are the model's own output (Gemma-2's soft-capped logits, not `lm_head.output`). Safe to call
+    from several threads on one model (the trace holds the model's lock); calling it from inside an edit's
+    function or another trace raises NestedTraceError.
     """
     plan = _plan(model, edits)
     cap = resolve_sites(model, capture) if capture else []
@@ -202,7 +205,7 @@ def run_with_edits(model: Model, inputs: Inputs, edits: Sequence[Edit] = (), *,
                    key=lambda x: (x[0].order, x[1] == "read"))
     saved = {}
     bos_mask = batch["input_ids"] == model.bos_token_id
-    with torch.set_grad_enabled(grad), model.nn.trace(batch):
+    with exclusive(model, "run_with_edits"), torch.set_grad_enabled(grad), model.nn.trace(batch):
         for s, kind, es in steps:
             if kind == "edit":
                 _apply_all(model, [(s, es)], prompt_pass=True, bos_mask=bos_mask)
@@ -230,14 +233,17 @@ def generation_kwargs(model: Model, max_new_tokens: int, do_sample: bool, temper
 def generate(model: Model, prompts: str | Sequence[str], edits: Sequence[Edit] = (), *, max_new_tokens: int = 20,
              do_sample: bool = False, temperature: float = 1.0, seed: int | None = None,
              truncate: bool = False) -> list[str]:
-    """Generate continuations with `edits` applied at every step; returns only the new text per prompt."""
+    """Generate continuations with `edits` applied at every step; returns only the new text per prompt.
+
+    Thread-safe on one model: the whole generation holds the model's lock (see toolkit.tracing.guard)."""
     plan = _plan(model, edits)
     batch = to_batch(model, [prompts] if isinstance(prompts, str) else list(prompts), truncate=truncate,
                      padding_side="left")
     check_positions(edits, batch["input_ids"].shape[1])
     bos_mask = batch["input_ids"] == model.bos_token_id
     kwargs = generation_kwargs(model, max_new_tokens, do_sample, temperature)
-    with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
+    with exclusive(model, "generate"), \
+            torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
         if seed is not None:
             torch.manual_seed(seed)
         with torch.no_grad(), warnings.catch_warnings():

@@ -53,6 +53,10 @@ class ArgumentError(ToolkitError, ValueError):
     """An argument the toolkit cannot use (a batch size, mask, token id, dtype/device name, padding side...)."""
 
 
+class SiteMismatchError(ToolkitError, ValueError):
+    """An SAE or crosscoder asked to read a site other than the one its config says it was trained on."""
+
+
 class NestedTraceError(ToolkitError, RuntimeError):
     """A toolkit call that would open a trace inside another trace (or from inside an edit's function)."""
 

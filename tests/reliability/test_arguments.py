@@ -10,6 +10,7 @@ import torch
 
 from toolkit.__main__ import main
 from toolkit.analysis.diff import diff_table, latent_activations, latent_scaling
+from toolkit.analysis.feature_store import build_feature_store
 from toolkit.analysis.features import feature_density, top_contexts
 from toolkit.analysis.judge import continuation_nll
 from toolkit.analysis.steering.vectors import token_activations
@@ -91,6 +92,8 @@ BATCH_SIZE_USERS = {
                                                              batch_size=b),
     "continuation_nll": lambda m, s, b: continuation_nll(m, ["The cat"], [" sat"], batch_size=b),
     "behaviour_rate": lambda m, s, b: behaviour_rate(m, ["The cat"], batch_size=b),
+    "build_feature_store": lambda m, s, b: build_feature_store(m, s, _ids(m), "/nonexistent/store", batch_size=b,
+                                                               progress=False),
 }
 
 

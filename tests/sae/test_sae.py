@@ -283,7 +283,8 @@ class TinyModel:
 
 def test_reliability_1_width_mismatch_names_everything():
     sae = SAE.from_config(SAEConfig(128, 256, "relu", site="blocks.0.mlp_post", model="tiny-gemma2"))
-    assert sae.check_compatible(TinyModel(), "blocks.1.mlp_post") == Site("mlp_post", 1)
+    assert sae.check_compatible(TinyModel(), "blocks.0.mlp_post") == Site("mlp_post", 0)
+    assert sae.check_compatible(TinyModel(), "blocks.1.mlp_post", allow_other_site=True) == Site("mlp_post", 1)
     with pytest.raises(ShapeMismatchError) as e:
         sae.check_compatible(TinyModel(), "blocks.1.resid_post")
     msg = str(e.value)

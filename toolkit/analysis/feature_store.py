@@ -25,7 +25,7 @@ from toolkit.analysis.feature_store_build import (
     stream_stats,
 )
 from toolkit.analysis.features import logit_lens_ids
-from toolkit.errors import CacheError, EmptyInputError, FeatureIndexError, check_finite
+from toolkit.errors import CacheError, EmptyInputError, FeatureIndexError, check_finite, check_positive_int
 from toolkit.io import MANIFEST, atomic_write_bytes, atomic_write_json, read_json, write_manifest
 from toolkit.tracing import capture
 from toolkit.tracing.cache import contexts_fingerprint
@@ -62,9 +62,11 @@ def build_feature_store(model: Any, sae: Any, contexts: torch.Tensor, folder: st
     checkpoint; one built with other settings is refused (CacheError). `batch_size` defaults to what keeps the
     dense codes of a batch under ~128 MB.
     """
+    if batch_size is not None:
+        check_positive_int(batch_size, "batch_size")
     settings = settings or StoreSettings()
     contexts = _check_contexts(contexts)
-    s = sae.check_compatible(model, site or sae.cfg.site)
+    s = sae.check_compatible(model, site)
     folder = Path(folder)
     n, ctx_len = contexts.shape
     sae_key = hashlib.sha256(sae.W_dec.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
@@ -267,7 +269,7 @@ def token_latents(model: Any, sae: Any, text: str, k: int = 5, *, site: str | No
         raise EmptyInputError("token_latents needs some text; got an empty string")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
-    s = sae.check_compatible(model, site or sae.cfg.site)
+    s = sae.check_compatible(model, site)
     acts = capture(model, text, s)
     x = acts[s][0]
     check_finite(x, f"activations at {s.name}")

@@ -55,7 +55,7 @@ def _tokens(model: Model, ids: torch.Tensor) -> list[str]:
 def top_features(sae: SAE, model: Model, prompt: str, *, k: int = 10, site: str | None = None,
                  exclude_bos: bool = True) -> FeatureTable:
     """The k features with the largest activation anywhere in `prompt` (BOS excluded by default)."""
-    s = sae.check_compatible(model, site or sae.cfg.site)
+    s = sae.check_compatible(model, site)
     acts = capture(model, prompt, s)
     ids = acts.input_ids[0]
     x = check_finite(acts[s][0], f"activations at {s.name}")
@@ -99,7 +99,7 @@ def top_contexts(sae: SAE, model: Model, contexts: torch.Tensor, features: int |
                  progress: bool = True) -> dict[int, list[Context]]:
     """Top-k activating token windows per feature over a corpus of token contexts (BOS excluded)."""
     feats = [sae.check_feature(features)] if isinstance(features, int) else [sae.check_feature(f) for f in features]
-    s = sae.check_compatible(model, site or sae.cfg.site)
+    s = sae.check_compatible(model, site)
     best_val = torch.full((len(feats), k), -float("inf"))
     best_loc = torch.zeros((len(feats), k, 2), dtype=torch.long)
     for offset, acts in iter_capture(model, contexts, s, batch_size=batch_size, progress=progress,
@@ -134,7 +134,7 @@ def top_contexts(sae: SAE, model: Model, contexts: torch.Tensor, features: int |
 def feature_density(sae: SAE, model: Model, contexts: torch.Tensor, *, site: str | None = None,
                     batch_size: int = 8, progress: bool = True) -> torch.Tensor:
     """Fraction of (non-BOS) tokens on which each feature fires, shape (d_sae,)."""
-    s = sae.check_compatible(model, site or sae.cfg.site)
+    s = sae.check_compatible(model, site)
     fires = torch.zeros(sae.d_sae, dtype=torch.float64)
     n = 0
     for offset, acts in iter_capture(model, contexts, s, batch_size=batch_size, progress=progress, desc="density"):

@@ -29,7 +29,7 @@ from toolkit.crosscoder.loaders import read_dictionary_learning
 from toolkit.crosscoder.paired import PairedActivations, cache_site
 from toolkit.devices import resolve_device
 from toolkit.dictionary import Dictionary
-from toolkit.errors import CheckpointError, ShapeMismatchError, check_finite
+from toolkit.errors import CheckpointError, ShapeMismatchError, SiteMismatchError, check_finite
 from toolkit.io import DTYPES, load_weight_folder, save_weight_folder
 from toolkit.sites import Site
 
@@ -146,7 +146,7 @@ class Crosscoder(Dictionary):
                 if tuple(models)[::-1] == self.cfg.models else ""
             raise ValueError(f"{want}; got activations of models {tuple(models)}{hint}")
         if site is not None and self.cfg.site is not None and Site.parse(site).name != self.cfg.site:
-            raise ValueError(f"{want}; got activations from site {Site.parse(site).name}")
+            raise SiteMismatchError(f"{want}; got activations from site {Site.parse(site).name}")
 
     def check_caches(self, cache_base: ActivationCache, cache_ft: ActivationCache) -> None:
         """Apply `check_source` to two activation caches (their recorded model names, site and width)."""

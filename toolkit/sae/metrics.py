@@ -142,11 +142,10 @@ def evaluate_sae(sae: SAE, model: Model, contexts: torch.Tensor, site: str | Non
     BOS position excluded from both the splice and the averages).
     """
     check_positive_int(batch_size, "batch_size")
-    site_name = site or sae.cfg.site
     if contexts.ndim != 2 or contexts.shape[0] == 0 or contexts.shape[1] < 3:
         raise EmptyInputError(f"contexts must be (n >= 1, ctx >= 3) token ids; got {tuple(contexts.shape)}")
     record = SpliceRecord()
-    edit = sae_splice(sae, model, site_name, record=record, positions=slice(1, None))
+    edit = sae_splice(sae, model, site, record=record, positions=slice(1, None))
     acc = _Accumulator(sae.d_sae)
     ce_clean, ce_spliced, ce_zero, kl = [], [], [], []
     for i in progress_bar(range(0, contexts.shape[0], batch_size), desc=f"evaluate {edit.site}",

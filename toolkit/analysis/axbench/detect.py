@@ -90,7 +90,7 @@ def detect_concept(model: Any, sae: Any, concept: Concept, *, site: str | None =
     `memo` (a dict the caller keeps) reuses activations of text sets seen before, e.g. shared negatives."""
     from sklearn.metrics import roc_auc_score
 
-    s = sae.check_compatible(model, site or sae.cfg.site).name
+    s = sae.check_compatible(model, site).name
     memo = {} if memo is None else memo
 
     def acts(texts: Sequence[str]) -> list[torch.Tensor]:

@@ -127,7 +127,7 @@ def latent_unit(model: Model, sae: SAE, latents: int | Sequence[int], texts: Seq
     """Max activation of SAE latent(s) over the non-BOS tokens of `texts`: latent strength 1 = its max."""
     single = not isinstance(latents, Sequence)
     idx = [sae.check_feature(i) for i in ([latents] if single else latents)]
-    s = sae.check_compatible(model, site or sae.cfg.site).name
+    s = sae.check_compatible(model, site).name
     with torch.no_grad():
         x = token_activations(model, s, texts, batch_size=batch_size)
         codes = check_finite(sae.encode(x.to(sae.device))[:, idx].float().cpu(), f"SAE codes at {s}")

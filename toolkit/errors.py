@@ -90,13 +90,19 @@ def check_positive_int(n: object, what: str) -> int:
 def check_finite(x: Any, what: str) -> Any:
     """`x` (a tensor or array) unchanged if every value is finite, else NonFiniteError naming `what` and the count.
 
-    One `isfinite(...).all()` pass; the values are counted only when something is wrong. Integer data passes.
+    One reduction over the tensor (a finite sum proves finiteness; else one `isfinite(...).all()`); the values
+    are counted only when something is wrong. Integer data passes.
     """
     import numpy as np
     import torch
 
     if isinstance(x, torch.Tensor):
-        if not (x.is_floating_point() or x.is_complex()) or bool(torch.isfinite(x).all()):
+        if not (x.is_floating_point() or x.is_complex()):
+            return x
+        # Fast path: a NaN/inf element always makes the sum NaN/inf, so a finite sum proves every element finite
+        # (~100x cheaper on CPU than materializing isfinite); a non-finite sum (or an overflow) takes the exact test.
+        total = x.sum(dtype=torch.float32) if x.is_floating_point() and x.element_size() < 4 else x.sum()
+        if bool(torch.isfinite(total).all()) or bool(torch.isfinite(x).all()):
             return x
         bad, nan, n = int((~torch.isfinite(x)).sum()), int(torch.isnan(x).sum()), x.numel()
     else:

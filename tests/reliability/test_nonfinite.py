@@ -69,6 +69,11 @@ def test_check_finite_is_one_helper_and_counts():
         check_finite(np.array([np.nan]), "arr")
     ok = torch.ones(3)
     assert check_finite(ok, "x") is ok and check_finite(torch.arange(3), "ids") is not None
+    check_finite(torch.full((10,), 3e38), "x")  # finite values whose sum overflows: the exact test decides
+    check_finite(torch.full((10,), 6e4, dtype=torch.float16), "x")
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        with pytest.raises(NonFiniteError, match=r"1 of 4 .* \(0 NaN, 1 inf\)"):
+            check_finite(torch.tensor([1.0, 2.0, float("inf"), 3.0], dtype=dtype), "x")
 
 
 ANALYSES = {

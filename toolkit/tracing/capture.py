@@ -154,7 +154,7 @@ def capture(model: Model, inputs: Inputs, sites: str | Site | Sequence[str | Sit
             stop_early: bool = True, truncate: bool = False, progress: bool = False) -> Activations:
     """Activations at `sites` for prompts (or token ids), batched; the model stops after the last layer needed.
 
-    Safe to call from several threads on one model: each trace holds the model's lock (see `model_lock`)."""
+    Safe to call from several threads on one model: each trace holds the model's lock (see toolkit.tracing.guard)."""
     batch_size = check_positive_int(batch_size, "batch_size")
     resolved = resolve_sites(model, sites)
     batch = to_batch(model, inputs, truncate=truncate)

@@ -44,9 +44,26 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0 if folder == default_model_dir() else 1
 
 
+def _read_notebook(path: str) -> dict:
+    """The notebook's JSON, or ArgumentError saying what is wrong with the file and what a notebook looks like."""
+    from toolkit.errors import ArgumentError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            nb = json.load(f)
+    except FileNotFoundError:
+        raise ArgumentError(f"{path}: no such file; give the path of an executed .ipynb notebook") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArgumentError(f"{path}: not a readable notebook ({type(e).__name__}: {e}); a .ipynb is JSON") from None
+    cells = nb.get("cells") if isinstance(nb, dict) else None
+    if not isinstance(cells, list) or not all(isinstance(c, dict) for c in cells):
+        raise ArgumentError(f"{path}: JSON without a list of cells; is it a Jupyter notebook (.ipynb)?")
+    return nb
+
+
 def _summarize(args: argparse.Namespace) -> int:
-    nb = json.loads(open(args.notebook).read())
-    cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    nb = _read_notebook(args.notebook)
+    cells = [c for c in nb["cells"] if c.get("cell_type") == "code"]
     errors = [o for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     print(f"{args.notebook}: {len(cells)} code cells executed, {len(errors)} errors")
     for c in cells:
@@ -71,7 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("notebook")
     s.set_defaults(fn=_summarize)
     args = parser.parse_args(argv)
-    return args.fn(args)
+    from toolkit.errors import ToolkitError
+
+    try:
+        return args.fn(args)
+    except ToolkitError as e:
+        print(f"python -m toolkit {args.cmd}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from toolkit.config.sae import SAE_DTYPES
-from toolkit.errors import CheckpointError, DeviceUnavailableError
+from toolkit.errors import CheckpointError
 from toolkit.folders import TMP_PREFIX, fsync_dir, lock_folder, recover_folder, staged_folder
 
 MANIFEST = "manifest.json"
@@ -164,18 +164,9 @@ def verify_manifest(folder: str | os.PathLike, required: Iterable[str] = (), *, 
 
 def check_device(device: str | torch.device) -> torch.device:
     """`device` as a torch.device, or DeviceUnavailableError when torch does not know it or this machine lacks it."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise DeviceUnavailableError(f"device {device!r} is not a device torch knows ({e}); use 'cpu' or 'cuda'") from e
-    available = {"cuda": torch.cuda.is_available, "mps": lambda: torch.backends.mps.is_available()}
-    if dev.type in available and not available[dev.type]():
-        raise DeviceUnavailableError(f"device {str(device)!r} was asked for but this machine has no {dev.type.upper()} "
-                                     "device torch can use; pass device='cpu'")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise DeviceUnavailableError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA "
-                                     f"device(s), 0..{torch.cuda.device_count() - 1}")
-    return dev
+    from toolkit.devices import resolve_device  # devices imports io
+
+    return resolve_device(device)
 
 
 def read_json(path: str | os.PathLike, what: str = "config") -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,8 +15,8 @@ from urllib.parse import urlparse
 import torch
 
 from toolkit.convert import prepare_default_model
-from toolkit.errors import ContextLengthError, EmptyInputError, ModelUnavailableError
-from toolkit.io import check_device
+from toolkit.devices import resolve_device, resolve_dtype
+from toolkit.errors import ArgumentError, ContextLengthError, EmptyInputError, ModelUnavailableError
 from toolkit.keys import manifest_weights_id
 from toolkit.lowmem import is_bf16_checkpoint, keep_embedding_bf16, shared_tokenizer
 from toolkit.sites import SITE_KINDS, Site, site_width, validate_site
@@ -43,6 +44,9 @@ class Model:
     vocab_size: int
     max_context: int
     extra: dict[str, Any] = field(default_factory=dict)
+    lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
+    """Held by every toolkit trace or generation on this model (toolkit.tracing.guard): concurrent calls from
+    several threads run one after another."""
 
     @property
     def device(self) -> torch.device:
@@ -77,6 +81,8 @@ class Model:
         Empty prompts (nothing but BOS) raise EmptyInputError. Prompts longer than `max_length`
         (default: the model's context) raise ContextLengthError unless `truncate=True`, which keeps the start.
         """
+        if padding_side not in ("left", "right"):
+            raise ArgumentError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
@@ -136,10 +142,8 @@ def _wrap(hf_model: torch.nn.Module, tokenizer: Any, name: str) -> Model:
 
 
 def _default_dtype(device: torch.device, dtype: torch.dtype | str | None) -> torch.dtype:
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
     if dtype is not None:
-        return dtype
+        return resolve_dtype(dtype)
     return torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 matmuls are slow on most CPUs
 
 
@@ -223,8 +227,7 @@ def load_model(name_or_path: str = "default", device: str | torch.device | None 
     """
     if low_memory is None:
         low_memory = os.environ.get("TOOLKIT_LOW_MEMORY", "0") == "1"
-    dev = check_device(device) if device is not None else \
-        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device, default="cuda" if torch.cuda.is_available() else "cpu")
     dt = _default_dtype(dev, dtype)
     if name_or_path == "default":
         return _load_folder(prepare_default_model(progress=progress), dev, dt, low_memory, "default")

@@ -54,7 +54,7 @@ def test_probe_errors():
     with pytest.raises(ValueError, match="at least 2"):
         train_probe(X, np.r_[1, np.zeros(9)])
     X[0, 0] = np.nan
-    with pytest.raises(NonFiniteError, match="1 non-finite"):
+    with pytest.raises(NonFiniteError, match="1 of 30 values are non-finite"):
         train_probe(X, np.r_[np.ones(5), np.zeros(5)])
 
 

@@ -92,6 +92,42 @@ def test_tiles_smaller_than_the_problem(triton_env):
     assert_close(got, encode_ref(x, W_enc, b_enc, activation="jumprelu", threshold=thr), 1e-5)
 
 
+def _non_finite_x(device):
+    """Rows: finite, one NaN element, all NaN, one +inf element, one -inf element, +inf and -inf together."""
+    x = make_x(6, 640, device=device)
+    x[1, 5] = float("nan")
+    x[2] = float("nan")
+    x[3, 7] = float("inf")
+    x[4, 9] = -float("inf")
+    x[5, 1], x[5, 2] = float("inf"), -float("inf")
+    return x
+
+
+def assert_same_non_finite(got, want, what):
+    assert torch.equal(got.isnan(), want.isnan()), f"{what}: NaN in different places"
+    assert torch.equal(got.isinf(), want.isinf()) and torch.equal(got[got.isinf()], want[want.isinf()]), what
+    fin = got.isfinite()
+    assert_close(got[fin], want[fin], 1e-5, what)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy matmul
+@pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk"])
+def test_non_finite_inputs_give_what_the_twin_gives(triton_env, activation):
+    """Reliability case 12 on NaN/inf rows: the epilogue keeps NaN (the twin's relu(NaN) = NaN) instead of 0."""
+    W_enc, b_enc, _, _ = make_sae(640, 300, device=triton_env)
+    x = _non_finite_x(triton_env)
+    kw = _kwargs(activation, make_x(8, 640, device=triton_env), W_enc, b_enc)
+    got = encode(x, W_enc, b_enc, activation=activation, backend="triton", **kw)
+    want = encode(x, W_enc, b_enc, activation=activation, backend="torch", **kw)
+    assert got[1:].isnan().any() and not got[0].isnan().any()
+    assert_same_non_finite(got, want, activation)
+    if activation == "topk":
+        v, i = encode_topk(x, W_enc, b_enc, 7, backend="triton")
+        v_ref, i_ref = encode_topk_ref(x, W_enc, b_enc, 7)
+        assert_same_non_finite(v, v_ref, "topk values")
+        assert torch.equal(i, i_ref)
+
+
 @pytest.mark.parametrize("dtype, rtol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
 @pytest.mark.parametrize("activation", ["relu", "jumprelu"])
 def test_half_precision(triton_env, dtype, rtol, activation):

@@ -227,6 +227,19 @@ def test_forward_sparse_and_dense_paths_agree(arch):
     assert sae.encode(X[0, 0]).shape == (D_SAE,)  # a single vector works too
 
 
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_empty_batches_give_empty_results_of_the_right_shape(arch):
+    sae = random_sae(arch)
+    for lead in [(0,), (2, 0)]:
+        x = torch.zeros(*lead, sae.d_in)
+        sparse = sae.encode_sparse(x)
+        kmax = sae.cfg.k if arch == "topk" else 1
+        assert sparse.indices.shape == sparse.values.shape == (*lead, kmax)
+        assert sparse.indices.dtype == torch.int64 and sparse.values.dtype == sae.dtype
+        assert sae.decode_sparse(sparse).shape == (*lead, sae.d_in)
+        assert sae.encode(x).shape == (*lead, sae.d_sae) and sae(x).reconstruction.shape == x.shape
+
+
 def test_decode_sparse_is_differentiable_and_checked():
     sae = random_sae("topk")
     idx, val = sae.encode_sparse(X)
@@ -270,7 +283,8 @@ class TinyModel:
 
 def test_reliability_1_width_mismatch_names_everything():
     sae = SAE.from_config(SAEConfig(128, 256, "relu", site="blocks.0.mlp_post", model="tiny-gemma2"))
-    assert sae.check_compatible(TinyModel(), "blocks.1.mlp_post") == Site("mlp_post", 1)
+    assert sae.check_compatible(TinyModel(), "blocks.0.mlp_post") == Site("mlp_post", 0)
+    assert sae.check_compatible(TinyModel(), "blocks.1.mlp_post", allow_other_site=True) == Site("mlp_post", 1)
     with pytest.raises(ShapeMismatchError) as e:
         sae.check_compatible(TinyModel(), "blocks.1.resid_post")
     msg = str(e.value)

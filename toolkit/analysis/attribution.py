@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from toolkit.analysis.table import Table
-from toolkit.errors import EmptyInputError
+from toolkit.errors import EmptyInputError, check_finite
 from toolkit.sae.sae import SAE
 from toolkit.tracing import Splice, run_with_edits
 from toolkit.tracing.capture import to_batch
@@ -137,12 +137,20 @@ def attribute(model: Model, prompt: str | torch.Tensor, metric: Metric, *, saes:
     edits += [_site_splice(model, s, site_store) for s in sites if model.site(s).name not in seen]
     edits += [_site_splice(model, s, site_store) for s in sites if model.site(s).name in seen]
     logits, _ = run_with_edits(model, batch, edits, grad=True)
+    for name, (c, _) in lat_store.items():
+        check_finite(c, f"SAE codes at {name}")
+    for name, (x, _) in site_store.items():
+        check_finite(x, f"activations at {name}")
     with torch.enable_grad():  # notebooks often turn gradients off globally
         value = metric(logits[0])
         if value.ndim != 0:
             raise ValueError(f"metric must return a scalar, got shape {tuple(value.shape)}")
         leaves = [z for _, z in lat_store.values()] + [z for _, z in site_store.values()]
+        check_finite(value.detach(), "the metric's value")
         grads = torch.autograd.grad(value, leaves, allow_unused=True)
+    for gz in grads:
+        if gz is not None:
+            check_finite(gz, "the gradients of the metric")
     g = iter(grads)
     latents, codes, site_attr = {}, {}, {}
     for name, (c, z) in lat_store.items():

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from toolkit.crosscoder import Crosscoder, PairedActivations
-from toolkit.errors import check_index
+from toolkit.crosscoder.crosscoder import finite_source
+from toolkit.errors import check_index, check_positive_int
 
 if TYPE_CHECKING:
     from toolkit.models import Model
@@ -96,11 +97,12 @@ class LatentScaling:
 def latent_scaling(cc: Crosscoder, acts: PairedActivations | torch.Tensor, *, specific: str = "ft",
                    batch_size: int = 2048) -> LatentScaling:
     """Closed-form Latent Scaling of every latent over `acts`, in the crosscoder's normalized units."""
+    check_positive_int(batch_size, "batch_size")
     if specific not in ("ft", "base"):
         raise ValueError(f"specific must be 'ft' or 'base', got {specific!r}")
-    data = acts.acts if isinstance(acts, PairedActivations) else acts
     if isinstance(acts, PairedActivations):
         cc.check_source(acts.models, acts.site, acts.d)
+    data = finite_source(acts)
     was = cc.training
     cc.eval()
     W = cc.W_dec.double()
@@ -175,6 +177,7 @@ class DiffTable:
 def diff_table(cc: Crosscoder, acts: PairedActivations | torch.Tensor | None = None, *, only: float = 0.1,
                shared: float = 0.1, artifact_threshold: float = 0.5, batch_size: int = 2048) -> DiffTable:
     """Decoder-norm classes for every latent, plus frequency and Latent Scaling when `acts` is given."""
+    check_positive_int(batch_size, "batch_size")
     nd = norm_diff(cc)
     cls = classify(nd, only=only, shared=shared)
     freq = np.full(cc.d_sae, np.nan)
@@ -255,6 +258,8 @@ class LatentContext:
 def latent_activations(cc: Crosscoder, acts: PairedActivations, latent: int, *, batch_size: int = 2048) -> torch.Tensor:
     """(n,) activation of one latent on every row of `acts`."""
     latent = check_index(latent, cc.d_sae, "latent index", cc.name)
+    check_positive_int(batch_size, "batch_size")
+    finite_source(acts)
     return torch.cat([cc.encode(acts.acts[i:i + batch_size].to(cc.device))[:, int(latent)].cpu()
                       for i in range(0, len(acts), batch_size)]) if len(acts) else torch.zeros(0)
 

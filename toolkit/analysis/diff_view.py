@@ -16,7 +16,7 @@ import torch
 
 from toolkit.analysis.diff import decoder_lens, latent_contexts
 from toolkit.crosscoder import Crosscoder, PairedActivations
-from toolkit.errors import FeatureIndexError
+from toolkit.errors import FeatureIndexError, check_finite
 
 
 @torch.no_grad()
@@ -25,6 +25,7 @@ def model_contributions(cc: Crosscoder, acts: torch.Tensor, latent: int) -> torc
     `latent`'s pre-activation (before the bias and the sparsity rule)."""
     if isinstance(latent, bool) or not isinstance(latent, (int, np.integer)) or not 0 <= latent < cc.d_sae:
         raise FeatureIndexError(f"latent index must be an integer in 0..{cc.d_sae - 1}, got {latent!r}")
+    check_finite(acts, f"paired activations given to latent {latent} of {cc.name}")
     x = acts.to(cc.device, torch.float32) * cc.input_scale.float()[:, None]
     return torch.einsum("nmd,md->nm", x, cc.W_enc[:, :, int(latent)].float()).cpu()
 

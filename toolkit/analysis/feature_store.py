@@ -19,13 +19,19 @@ import torch
 from toolkit.analysis.feature_store_build import (
     STATE_FILE,
     StoreSettings,
-    check_finite,
     decoder_neighbours,
     finish_arrays,
     stream_stats,
 )
 from toolkit.analysis.features import logit_lens_ids
-from toolkit.errors import CacheError, CheckpointError, EmptyInputError, FeatureIndexError
+from toolkit.errors import (
+    CacheError,
+    CheckpointError,
+    EmptyInputError,
+    FeatureIndexError,
+    check_finite,
+    check_positive_int,
+)
 from toolkit.folders import lock_folder, make_dir, recover_folder, staged_folder
 from toolkit.io import (
     MANIFEST,
@@ -73,9 +79,11 @@ def build_feature_store(model: Any, sae: Any, contexts: torch.Tensor, folder: st
     cache's feature_stores/) by a hash of everything the store depends on, so other inputs never meet it. `batch_size` defaults to what keeps the
     dense codes of a batch under ~128 MB.
     """
+    if batch_size is not None:
+        check_positive_int(batch_size, "batch_size")
     settings = settings or StoreSettings()
     contexts = _check_contexts(contexts)
-    s = sae.check_compatible(model, site or sae.cfg.site)
+    s = sae.check_compatible(model, site)
     n, ctx_len = contexts.shape
     # every SAE tensor and setting, and the model's weights: a store is reused only for exactly these
     sae_key = stable_hash([tensors_fingerprint(dict(sae.state_dict())), sae.cfg.to_dict()])[:16]
@@ -298,7 +306,7 @@ def token_latents(model: Any, sae: Any, text: str, k: int = 5, *, site: str | No
         raise EmptyInputError("token_latents needs some text; got an empty string")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
-    s = sae.check_compatible(model, site or sae.cfg.site)
+    s = sae.check_compatible(model, site)
     acts = capture(model, text, s)
     x = acts[s][0]
     check_finite(x, f"activations at {s.name}")

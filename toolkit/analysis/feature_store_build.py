@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from toolkit.errors import NonFiniteError
+from toolkit.errors import check_finite
 from toolkit.io import atomic_save_tensors, load_tensors
 
 STATE_FILE = "build-state.safetensors"
@@ -183,14 +183,6 @@ class LatentStats:
             meta = json.loads((f.metadata() or {}).get("meta", "{}"))
         stats.t.update(tensors)
         return stats, meta
-
-
-def check_finite(x: torch.Tensor, what: str) -> None:
-    """Raise NonFiniteError naming `what` and how many values are NaN/inf."""
-    bad = ~torch.isfinite(x)
-    if bad.any():
-        raise NonFiniteError(f"{int(bad.sum())} non-finite values (NaN/inf) in {what}; "
-                             "the feature store needs finite activations (check the model's dtype and inputs)")
 
 
 def decoder_neighbours(W_dec: torch.Tensor, k: int, *, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from toolkit.errors import check_finite
 from toolkit.sae.sae import SAE
 from toolkit.tracing import capture, iter_capture
 
@@ -54,11 +55,12 @@ def _tokens(model: Model, ids: torch.Tensor) -> list[str]:
 def top_features(sae: SAE, model: Model, prompt: str, *, k: int = 10, site: str | None = None,
                  exclude_bos: bool = True) -> FeatureTable:
     """The k features with the largest activation anywhere in `prompt` (BOS excluded by default)."""
-    s = sae.check_compatible(model, site or sae.cfg.site)
+    s = sae.check_compatible(model, site)
     acts = capture(model, prompt, s)
     ids = acts.input_ids[0]
+    x = check_finite(acts[s][0], f"activations at {s.name}")
     with torch.no_grad():
-        codes = sae.encode(acts[s][0].to(sae.device)).float().cpu()
+        codes = check_finite(sae.encode(x.to(sae.device)).float().cpu(), f"SAE codes at {s.name}")
     if exclude_bos:
         codes[ids == model.bos_token_id] = 0
     best, where = codes.max(0)
@@ -97,15 +99,16 @@ def top_contexts(sae: SAE, model: Model, contexts: torch.Tensor, features: int |
                  progress: bool = True) -> dict[int, list[Context]]:
     """Top-k activating token windows per feature over a corpus of token contexts (BOS excluded)."""
     feats = [sae.check_feature(features)] if isinstance(features, int) else [sae.check_feature(f) for f in features]
-    s = sae.check_compatible(model, site or sae.cfg.site)
+    s = sae.check_compatible(model, site)
     best_val = torch.full((len(feats), k), -float("inf"))
     best_loc = torch.zeros((len(feats), k, 2), dtype=torch.long)
     for offset, acts in iter_capture(model, contexts, s, batch_size=batch_size, progress=progress,
                                      desc=f"top contexts of {len(feats)} features"):
-        x = acts[s.name]
+        x = check_finite(acts[s.name], f"activations at {s.name} (contexts {offset}..{offset + len(acts[s.name]) - 1})")
         ids = contexts[offset:offset + x.shape[0]]
         with torch.no_grad():
             codes = sae.encode(x.to(sae.device)).float().cpu()[..., feats]  # (b, ctx, n_feats)
+        check_finite(codes, f"SAE codes at {s.name}")
         codes[ids == model.bos_token_id] = -float("inf")
         flat = codes.reshape(-1, len(feats)).T  # (n_feats, b*ctx)
         kk = min(k, flat.shape[1])
@@ -131,14 +134,14 @@ def top_contexts(sae: SAE, model: Model, contexts: torch.Tensor, features: int |
 def feature_density(sae: SAE, model: Model, contexts: torch.Tensor, *, site: str | None = None,
                     batch_size: int = 8, progress: bool = True) -> torch.Tensor:
     """Fraction of (non-BOS) tokens on which each feature fires, shape (d_sae,)."""
-    s = sae.check_compatible(model, site or sae.cfg.site)
+    s = sae.check_compatible(model, site)
     fires = torch.zeros(sae.d_sae, dtype=torch.float64)
     n = 0
     for offset, acts in iter_capture(model, contexts, s, batch_size=batch_size, progress=progress, desc="density"):
-        x = acts[s.name]
+        x = check_finite(acts[s.name], f"activations at {s.name} (contexts {offset}..{offset + len(acts[s.name]) - 1})")
         keep = contexts[offset:offset + x.shape[0]] != model.bos_token_id
         with torch.no_grad():
-            codes = sae.encode(x[keep].to(sae.device))
+            codes = check_finite(sae.encode(x[keep].to(sae.device)), f"SAE codes at {s.name}")
         fires += (codes != 0).sum(0).double().cpu()
         n += int(keep.sum())
     return fires / max(n, 1)

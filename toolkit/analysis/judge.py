@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from toolkit.errors import EmptyInputError
+from toolkit.errors import EmptyInputError, check_finite, check_positive_int
+from toolkit.tracing.guard import exclusive
 
 if TYPE_CHECKING:
     from toolkit.models import Model
@@ -156,6 +157,7 @@ def continuation_nll(model: Model, prompts: Sequence[str], continuations: Sequen
     """Mean negative log-likelihood per token of each continuation given its prompt, under `model` (unsteered).
 
     An empty continuation gets inf."""
+    check_positive_int(batch_size, "batch_size")
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
     tok, out = model.tokenizer, []
@@ -172,7 +174,9 @@ def continuation_nll(model: Model, prompts: Sequence[str], continuations: Sequen
         for j, r in enumerate(rows):
             ids[j, :len(r)] = torch.tensor(r)
             mask[j, :len(r)] = 1
-        logits = model.hf(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        with exclusive(model, "continuation_nll"):  # another thread's hooked generation must not edit this forward
+            logits = model.hf(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        check_finite(logits[mask.to(logits.device).bool()], f"{model.name}'s logits for prompts {i}..{i + len(rows) - 1}")
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(logits.device))[..., 0].cpu()
         for j, (r, s) in enumerate(zip(rows, starts, strict=True)):
             n = len(r) - s

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from toolkit.errors import EmptyInputError, NonFiniteError, ShapeMismatchError
+from toolkit.errors import EmptyInputError, ShapeMismatchError, check_finite
 from toolkit.tracing import capture
 
 POOLINGS = ("last", "mean", "max")
@@ -63,9 +63,7 @@ def pooled_features(model: Any, texts: Sequence[str], sites: str | Sequence[str]
         if sae is not None:
             with torch.no_grad():
                 x = sae.encode(x.to(sae.device, sae.dtype)).float().cpu()
-        bad = int((~torch.isfinite(x[mask])).sum())
-        if bad:
-            raise NonFiniteError(f"{bad} non-finite values (NaN/inf) in {'SAE codes at ' if sae else ''}{name}")
+        check_finite(x[mask], f"{'SAE codes at ' if sae is not None else 'activations at '}{name}")
         out[model.site(name).name] = pool(x, mask, pooling)
     return out
 
@@ -90,7 +88,8 @@ class Probe:
     def decision(self, X: np.ndarray | torch.Tensor) -> np.ndarray:
         """The probe's logit for rows of features `X` (the same space it was trained on)."""
         X = X.detach().cpu().numpy() if isinstance(X, torch.Tensor) else X
-        return self.classifier.decision_function(np.asarray(X, dtype=np.float64) / self.scale)
+        X = check_finite(np.asarray(X, dtype=np.float64), f"the features given to the probe at {self.site}")
+        return self.classifier.decision_function(X / self.scale)
 
 
 def _check_xy(X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -100,8 +99,7 @@ def _check_xy(X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
         raise EmptyInputError(f"probe features must be a non-empty (n, d) array, got shape {X.shape}")
     if y.ndim != 1 or len(y) != len(X):
         raise ShapeMismatchError(f"{len(X)} feature rows but labels of shape {y.shape}; give one label per row")
-    if not np.isfinite(X).all():
-        raise NonFiniteError(f"{int((~np.isfinite(X)).sum())} non-finite values (NaN/inf) in the probe's features")
+    check_finite(X, "the probe's features")
     classes = np.unique(y)
     if len(classes) != 2:
         raise ValueError(f"a probe needs labels of exactly two classes (e.g. 0/1), got {classes.tolist()}")

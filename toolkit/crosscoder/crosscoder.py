@@ -27,8 +27,9 @@ from torch import nn
 from toolkit.config import CrosscoderConfig
 from toolkit.crosscoder.loaders import read_dictionary_learning
 from toolkit.crosscoder.paired import PairedActivations, cache_site
+from toolkit.devices import resolve_device
 from toolkit.dictionary import Dictionary
-from toolkit.errors import CheckpointError, ShapeMismatchError
+from toolkit.errors import CheckpointError, ShapeMismatchError, SiteMismatchError, check_finite
 from toolkit.io import DTYPES, load_weight_folder, save_weight_folder
 from toolkit.sites import Site
 
@@ -145,7 +146,7 @@ class Crosscoder(Dictionary):
                 if tuple(models)[::-1] == self.cfg.models else ""
             raise ValueError(f"{want}; got activations of models {tuple(models)}{hint}")
         if site is not None and self.cfg.site is not None and Site.parse(site).name != self.cfg.site:
-            raise ValueError(f"{want}; got activations from site {Site.parse(site).name}")
+            raise SiteMismatchError(f"{want}; got activations from site {Site.parse(site).name}")
 
     def check_caches(self, cache_base: ActivationCache, cache_ft: ActivationCache) -> None:
         """Apply `check_source` to two activation caches (their recorded model names, site and width)."""
@@ -166,7 +167,7 @@ class Crosscoder(Dictionary):
     @classmethod
     def load(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> Crosscoder:
         """Load a folder written by `save`, verifying manifest, config, names, shapes and finiteness."""
-        tensors, raw = load_weight_folder(folder, weights_name=WEIGHTS, device=device)
+        tensors, raw = load_weight_folder(folder, weights_name=WEIGHTS, device=resolve_device(device))
         if raw.pop("kind", None) != "crosscoder":
             raise CheckpointError(f"{Path(folder) / 'cfg.json'}: not a crosscoder config (no \"kind\": \"crosscoder\")")
         try:
@@ -207,8 +208,9 @@ class Crosscoder(Dictionary):
         A BatchTopK threshold never estimated (-1) gives per-token top-k here, where dictionary_learning keeps
         every positive code.
         """
+        dev = resolve_device(device)  # before reading anything
         cfg, tensors, source = read_dictionary_learning(path, models=models, site=site, dtype=dtype)
-        return cls.from_state_dict(cfg, tensors, source=source).to(device)
+        return cls.from_state_dict(cfg, tensors, source=source).to(dev)
 
     # ------------------------------------------------------------ small things
 
@@ -242,6 +244,14 @@ class Crosscoder(Dictionary):
         x = self._check(x, (2, self.d_in), "activations")
         lead = x.shape[:-2]
         return x.reshape(-1, 2, self.d_in) * self.input_scale[:, None], lead
+
+
+def finite_source(source: PairedActivations | torch.Tensor) -> torch.Tensor:
+    """The (n, 2, d) tensor of `source`, or NonFiniteError naming its site and models and the count of NaN/inf."""
+    if isinstance(source, PairedActivations):
+        what = f"paired activations at {source.site or 'an unknown site'} of {source.models or 'unknown models'}"
+        return check_finite(source.acts, what)
+    return check_finite(source, "paired activations (a tensor)") if isinstance(source, torch.Tensor) else source
 
 
 def source_rows(cc: Crosscoder, source: PairedActivations | torch.Tensor | tuple) -> int:

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from toolkit.crosscoder.crosscoder import Crosscoder, source_rows
+from toolkit.crosscoder.crosscoder import Crosscoder, finite_source, source_rows
 from toolkit.crosscoder.paired import PairedActivations
-from toolkit.errors import EmptyInputError
+from toolkit.errors import EmptyInputError, check_positive_int
 
 
 @torch.no_grad()
 def evaluate_crosscoder(cc: Crosscoder, source: PairedActivations | torch.Tensor, *,
                         batch_size: int = 2048) -> dict[str, float]:
     """Inference-mode quality: FVU of each model's reconstruction (raw units), L0 and fraction of dead latents."""
+    check_positive_int(batch_size, "batch_size")
     n = source_rows(cc, source)
-    data = source.acts if isinstance(source, PairedActivations) else source
+    data = finite_source(source)
     if n == 0:
         raise EmptyInputError("no activations to evaluate on")
     was = cc.training

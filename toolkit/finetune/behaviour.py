@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from toolkit.data import load_texts
+from toolkit.errors import check_positive_int
 from toolkit.models import Model
 
 # A sentence end: . ! or ? after a word character or closing bracket/quote, then whitespace and a capital letter.
@@ -121,6 +122,7 @@ def behaviour_rate(model: Model, prompts: Sequence[str] | None = None, behaviour
     """Fraction of `prompts` whose greedy continuation shows the behaviour (default: 16 held-out prompts)."""
     from toolkit.tracing import generate  # tracing is the only code that runs generation
 
+    check_positive_int(batch_size, "batch_size")
     b = get_behaviour(behaviour)
     prompts = list(prompts) if prompts is not None else behaviour_prompts()
     hits = 0

@@ -10,8 +10,10 @@ Backward (autograd) is torch: ``grad_pre = grad * (codes > 0)``, then two GEMMs 
 threshold gets no gradient (the spec's ``pre > threshold`` is a step function); JumpReLU training
 uses its own straight-through estimator on top.
 
-Differences from the twin, by design: a NaN pre-activation gives 0 here (NaN in the twin); on GPU,
-16-bit tiles go to the tensor cores without upcasting (exact products, fp32 accumulation).
+Non-finite inputs give what the twin gives: a NaN pre-activation stays NaN through every epilogue (relu,
+jumprelu, and topk, whose selection is the twin's own ``torch.topk``), +inf stays +inf, -inf gives 0.
+Difference from the twin, by design: on GPU, 16-bit tiles go to the tensor cores without upcasting
+(exact products, fp32 accumulation).
 
 Use it through ``toolkit.kernels`` (or import it after setting ``TRITON_INTERPRET=1`` on CPU: the
 ``@triton.jit`` decorators read that variable at import). Take names with ``from toolkit.kernels.triton_encode
@@ -100,11 +102,12 @@ def _encode_kernel(
     out_ty = out_ptr.dtype.element_ty
     # Round to the output dtype before the epilogue so the comparison sees what the twin sees.
     pre = (acc + bias[None, :]).to(out_ty).to(tl.float32)
+    # NaN stays NaN (pre != pre), as in the twin: relu(NaN) = NaN, and NaN * (NaN > thr) = NaN * 0 = NaN.
     if ACTIVATION == 1:
-        pre = tl.where(pre > 0.0, pre, 0.0)
+        pre = tl.where((pre > 0.0) | (pre != pre), pre, 0.0)
     elif ACTIVATION == 2:
         thr = tl.load(thr_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        pre = tl.where((pre > thr[None, :]) & (pre > 0.0), pre, 0.0)
+        pre = tl.where(((pre > thr[None, :]) & (pre > 0.0)) | (pre != pre), pre, 0.0)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, pre.to(out_ty), mask=mask_m[:, None] & mask_n[None, :])
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from toolkit.errors import EmptyInputError, NonFiniteError
+from toolkit.errors import EmptyInputError, check_finite, check_positive_int
 from toolkit.progress import progress_bar
 from toolkit.sae.sae import SAE
 from toolkit.sae.splice import SpliceRecord, sae_splice
@@ -88,11 +88,10 @@ class _Accumulator:
         self.sum_l0 = 0.0
         self.fires = torch.zeros(d_sae, dtype=torch.long)
 
-    def add(self, x: torch.Tensor, recon: torch.Tensor, codes: torch.Tensor) -> None:
-        x, recon, codes = x.double(), recon.double(), codes
-        if not (torch.isfinite(x).all() and torch.isfinite(recon).all()):
-            bad = int((~torch.isfinite(x)).sum() + (~torch.isfinite(recon)).sum())
-            raise NonFiniteError(f"{bad} NaN/inf values in activations or reconstructions; metrics need finite inputs")
+    def add(self, x: torch.Tensor, recon: torch.Tensor, codes: torch.Tensor, where: str = "the activations") -> None:
+        check_finite(x, where)
+        check_finite(recon, f"the SAE's reconstructions of {where}")
+        x, recon = x.double(), recon.double()
         self.n += x.shape[0]
         self.sum_x = x.sum(0) if self.sum_x is None else self.sum_x + x.sum(0)
         self.sum_sq_x += float((x * x).sum())
@@ -116,13 +115,14 @@ class _Accumulator:
 def reconstruction_metrics(sae: SAE, x: torch.Tensor, *, batch_size: int = 4096,
                            dense_threshold: float = 0.1) -> SAEMetrics:
     """L0, FVU, cosine, dead/dense fractions of `sae` on activations `x` (n, d_in) — no model needed."""
+    check_positive_int(batch_size, "batch_size")
     acc = _Accumulator(sae.d_sae)
     x = x.reshape(-1, x.shape[-1])
     with torch.no_grad():
         for i in range(0, x.shape[0], batch_size):
             xb = x[i:i + batch_size].to(sae.device)
             out = sae(xb)
-            acc.add(xb.cpu(), out.reconstruction.cpu(), out.codes.cpu())
+            acc.add(xb.cpu(), out.reconstruction.cpu(), out.codes.cpu(), f"activations (rows {i}..{i + len(xb) - 1})")
     return SAEMetrics(**acc.result(dense_threshold))
 
 
@@ -141,11 +141,11 @@ def evaluate_sae(sae: SAE, model: Model, contexts: torch.Tensor, site: str | Non
     ΔLM loss and KL compare the model's next-token predictions with and without the splice (same tokens,
     BOS position excluded from both the splice and the averages).
     """
-    site_name = site or sae.cfg.site
+    check_positive_int(batch_size, "batch_size")
     if contexts.ndim != 2 or contexts.shape[0] == 0 or contexts.shape[1] < 3:
         raise EmptyInputError(f"contexts must be (n >= 1, ctx >= 3) token ids; got {tuple(contexts.shape)}")
     record = SpliceRecord()
-    edit = sae_splice(sae, model, site_name, record=record, positions=slice(1, None))
+    edit = sae_splice(sae, model, site, record=record, positions=slice(1, None))
     acc = _Accumulator(sae.d_sae)
     ce_clean, ce_spliced, ce_zero, kl = [], [], [], []
     for i in progress_bar(range(0, contexts.shape[0], batch_size), desc=f"evaluate {edit.site}",
@@ -156,7 +156,7 @@ def evaluate_sae(sae: SAE, model: Model, contexts: torch.Tensor, site: str | Non
         record.clear()
         spliced, _ = run_with_edits(model, batch, [edit])
         acc.add(record.x[0].reshape(-1, sae.d_in), record.reconstruction[0].reshape(-1, sae.d_in),
-                record.codes[0].reshape(-1, sae.d_sae))
+                record.codes[0].reshape(-1, sae.d_sae), f"activations at {edit.site} (contexts {i}..{i + len(ids) - 1})")
         mask = batch["attention_mask"]
         ce_clean.append(_token_losses(clean, ids, mask))
         ce_spliced.append(_token_losses(spliced, ids, mask))

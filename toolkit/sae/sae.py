@@ -11,7 +11,9 @@ ShapeMismatchError. SAEs start in eval mode (inference semantics); a trainer cal
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -21,8 +23,16 @@ from torch import nn
 import toolkit.kernels as kernels
 import toolkit.sae.formats as formats
 from toolkit.config import SAEConfig
+from toolkit.devices import resolve_device
 from toolkit.dictionary import Dictionary
-from toolkit.errors import CheckpointError, FeatureIndexError, ShapeMismatchError, check_index
+from toolkit.errors import (
+    CheckpointError,
+    FeatureIndexError,
+    ModelMismatchWarning,
+    ShapeMismatchError,
+    SiteMismatchError,
+    check_index,
+)
 from toolkit.io import DTYPES, MANIFEST, Weights, load_weight_folder, save_weight_folder
 from toolkit.sae.architectures import get_architecture, pre_activations
 from toolkit.sites import Site
@@ -90,7 +100,7 @@ class SAE(Dictionary):
     def from_config(cls, cfg: SAEConfig, *, seed: int | None = None,
                     device: str | torch.device | None = None) -> SAE:
         """A freshly initialized SAE (see reset_parameters) on `device` (default CPU)."""
-        with torch.device(device or "cpu"):
+        with resolve_device(device):
             return cls(cfg, seed=seed)
 
     @classmethod
@@ -128,7 +138,7 @@ class SAE(Dictionary):
     @classmethod
     def load(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
         """Load a folder written by `save`, verifying the manifest, config, names, shapes and finiteness."""
-        folder = Path(folder)
+        folder, device = Path(folder), resolve_device(device)
         if folder.is_dir() and not (folder / MANIFEST).exists():
             for name, how in (("sae_weights.safetensors", "SAE.from_saelens"), ("params.npz", "SAE.from_gemma_scope"),
                               ("sae.safetensors", "SAE.from_sparsify"), ("ae.pt", "SAE.from_dictionary_learning")):
@@ -144,29 +154,33 @@ class SAE(Dictionary):
     @classmethod
     def from_weights(cls, weights: Weights, device: str | torch.device = "cpu") -> SAE:
         """Build from a format reader's Weights (toolkit.sae.formats), strictly, on `device`."""
-        return cls.from_state_dict(weights.cfg, weights.tensors, source=weights.source).to(device)
+        return cls.from_state_dict(weights.cfg, weights.tensors, source=weights.source).to(resolve_device(device))
 
     @classmethod
     def from_gemma_scope(cls, path: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
                          **kwargs: Any) -> SAE:
         """Gemma Scope params.npz (a path), or release=/layer=/width=/l0=/local_dir= (see formats.gemma_scope_path)."""
-        return cls.from_weights(formats.read_gemma_scope(path, **kwargs), device)
+        dev = resolve_device(device)  # before reading anything
+        return cls.from_weights(formats.read_gemma_scope(path, **kwargs), dev)
 
     @classmethod
     def from_saelens(cls, folder: str | os.PathLike, *, device: str | torch.device = "cpu", **kwargs: Any) -> SAE:
         """A SAELens folder: cfg.json + sae_weights.safetensors (see formats.read_saelens)."""
-        return cls.from_weights(formats.read_saelens(folder, **kwargs), device)
+        dev = resolve_device(device)  # before reading anything
+        return cls.from_weights(formats.read_saelens(folder, **kwargs), dev)
 
     @classmethod
     def from_sparsify(cls, folder: str | os.PathLike, *, device: str | torch.device = "cpu", **kwargs: Any) -> SAE:
         """An EleutherAI sparsify hookpoint folder: cfg.json + sae.safetensors (see formats.read_sparsify)."""
-        return cls.from_weights(formats.read_sparsify(folder, **kwargs), device)
+        dev = resolve_device(device)  # before reading anything
+        return cls.from_weights(formats.read_sparsify(folder, **kwargs), dev)
 
     @classmethod
     def from_dictionary_learning(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
                                  **kwargs: Any) -> SAE:
         """A saprmarks/dictionary_learning folder (ae.pt + config.json) or its ae.pt (see formats.read_dictionary_learning)."""
-        return cls.from_weights(formats.read_dictionary_learning(path, **kwargs), device)
+        dev = resolve_device(device)  # before reading anything
+        return cls.from_weights(formats.read_dictionary_learning(path, **kwargs), dev)
 
     # ------------------------------------------------------------ the maths
 
@@ -197,10 +211,13 @@ class SAE(Dictionary):
                          pre.reshape(*lead, self.d_sae))
 
     def encode_sparse(self, x: torch.Tensor) -> SparseCodes:
-        """The nonzero codes of x (..., d_in) as SparseCodes (..., kmax); same values as encode(x)."""
+        """The nonzero codes of x (..., d_in) as SparseCodes (..., kmax); same values as encode(x).
+
+        An empty batch (no rows) gives empty SparseCodes of shape (..., kmax) (kmax = k for TopK, else 1)."""
         xin, lead = self._prepare(x)
         indices, values = self.arch.encode_sparse(self, xin)
-        return SparseCodes(indices.reshape(*lead, -1), values.reshape(*lead, -1))
+        kmax = indices.shape[-1]  # explicit: reshape(..., -1) is ambiguous for 0 rows
+        return SparseCodes(indices.reshape(*lead, kmax), values.reshape(*lead, kmax))
 
     def decode_sparse(self, sparse: SparseCodes | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Reconstruction (..., d_in) from SparseCodes; reads only the active decoder rows (differentiable)."""
@@ -228,9 +245,17 @@ class SAE(Dictionary):
         """Return `i` as an int if it is a valid latent index, else raise FeatureIndexError with the valid range."""
         return check_index(i, self.d_sae, "feature index", self.name)
 
-    def check_compatible(self, model: Model, site: str | Site) -> Site:
-        """Validate `site` on `model` and check its width equals d_in (ShapeMismatchError naming both) before any run."""
-        s = model.site(site)
+    def check_compatible(self, model: Model, site: str | Site | None = None, *,
+                         allow_other_site: bool = False) -> Site:
+        """Validate `site` (default: cfg.site) on `model` before any run, against what the config records.
+
+        Width ≠ d_in: ShapeMismatchError naming both. Another site than cfg.site: SiteMismatchError, unless
+        `allow_other_site` (or use `sae.at_site(site)`, the explicit relabel). Another model name than cfg.model
+        (same width): a ModelMismatchWarning, since a fine-tune or a local copy of the same model is legitimate.
+        """
+        if site is None and self.cfg.site is None:
+            raise ValueError(f"{self.name} does not know its site; pass site='blocks.<layer>.<kind>'")
+        s = model.site(site if site is not None else self.cfg.site)
         width = int(model.site_width(s))
         if width != self.d_in:
             trained = f" (trained on {self.cfg.site or 'an unknown site'} of {self.cfg.model or 'an unknown model'})"
@@ -238,7 +263,24 @@ class SAE(Dictionary):
                 f"{self.name}{trained} reads {self.d_in}-wide activations, but site {s.name} of model "
                 f"{getattr(model, 'name', model)!s} is {width} wide; use an SAE whose d_in is {width}"
             )
+        if self.cfg.site is not None and Site.parse(self.cfg.site).name != s.name and not allow_other_site:
+            raise SiteMismatchError(
+                f"{self.name} was trained on {self.cfg.site}, not {s.name}; leave site= out to read "
+                f"{self.cfg.site}, or use sae.at_site({s.name!r}) to read {s.name} on purpose"
+            )
+        name = str(getattr(model, "name", ""))
+        if self.cfg.model and name and not same_model_name(self.cfg.model, name):
+            warnings.warn(ModelMismatchWarning(
+                f"{self.name} was trained on model {self.cfg.model!r} but is used with {name!r} (same width "
+                f"{width} at {s.name}); its features may not mean the same there"), stacklevel=3)
         return s
+
+    def at_site(self, site: str | Site) -> SAE:
+        """This SAE (the same parameter tensors, shared) relabelled to read `site`: the explicit way to use it at
+        a site other than the one it was trained on."""
+        cfg = dataclasses.replace(self.cfg, site=Site.parse(site).name)
+        other = type(self).from_state_dict(cfg, dict(self.state_dict(keep_vars=False)), source=self.name)
+        return other.train(self.training)
 
     # ------------------------------------------------------------ small things
 
@@ -277,6 +319,12 @@ class SAE(Dictionary):
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
         return x, lead
+
+
+def same_model_name(recorded: str, used: str) -> bool:
+    """Whether two model names are the same model: equal, or equal last path parts (a hub id and its local folder)."""
+    last = lambda n: n.rstrip("/").rsplit("/", 1)[-1].lower()  # noqa: E731
+    return recorded == used or last(recorded) == last(used)
 
 
 def _describe(t: Any) -> str:

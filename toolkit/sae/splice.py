@@ -42,10 +42,7 @@ def sae_splice(sae: SAE, model: Model, site: str | None = None, *, keep_error: b
     `record` collects x, codes and reconstruction of every call (for metrics). BOS positions keep the model's
     own activation (skip_bos=True): SAEs are trained without BOS. Width and site are checked first.
     """
-    site_name = site or sae.cfg.site
-    if site_name is None:
-        raise ValueError(f"{sae.name} does not know its site; pass site='blocks.<layer>.<kind>'")
-    s = sae.check_compatible(model, site_name)
+    s = sae.check_compatible(model, site)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         xs = x.to(sae.device)

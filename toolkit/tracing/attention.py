@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from toolkit.tracing.capture import to_batch
+from toolkit.tracing.guard import exclusive
 
 if TYPE_CHECKING:
     from toolkit.models import Model
@@ -53,7 +54,8 @@ def attention_patterns(model: Model, prompt: str, layers: int | Sequence[int] | 
     order = sorted({model.site(f"blocks.{layer}.attn_out").layer for layer in wanted})
     batch = to_batch(model, prompt)
     saved = []
-    with eager_attention(model), torch.no_grad(), model.nn.trace(dict(batch)) as tracer:
+    with exclusive(model, "attention_patterns"), eager_attention(model), torch.no_grad(), \
+            model.nn.trace(dict(batch)) as tracer:
         for layer in order:
             saved.append(model.nn.model.layers[layer].self_attn.output[1].save())
         tracer.stop()

@@ -8,9 +8,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from toolkit.errors import ContextLengthError, EmptyInputError, HookNotFoundError
+from toolkit.errors import (
+    ArgumentError,
+    ContextLengthError,
+    EmptyInputError,
+    HookNotFoundError,
+    check_positive_int,
+)
 from toolkit.progress import progress_bar
 from toolkit.sites import Site
+from toolkit.tracing.guard import exclusive
 
 if TYPE_CHECKING:
     from toolkit.models import Model
@@ -52,8 +59,30 @@ def resolve_sites(model: Model, sites: str | Site | Sequence[str | Site]) -> lis
     return resolved
 
 
+def check_token_ids(model: Model, ids: torch.Tensor, what: str = "token ids") -> None:
+    """ArgumentError unless every id lies in the model's vocabulary (an IndexError inside the trace otherwise)."""
+    if ids.numel():
+        lo, hi = (int(v) for v in torch.aminmax(ids))
+        if lo < 0 or hi >= model.vocab_size:
+            raise ArgumentError(f"{what} span {lo}..{hi}, but {model.name}'s vocabulary is 0..{model.vocab_size - 1}; "
+                                "tokenize with this model's tokenizer")
+
+
+def check_mask(mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """`mask` if it is a 0/1 (or bool) tensor of the same shape as `ids`, else ArgumentError naming both."""
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(ids.shape):
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ArgumentError(f"attention_mask must have the shape of the token ids {tuple(ids.shape)}; got {got}")
+    if mask.is_floating_point() or mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise ArgumentError(f"attention_mask must hold only 0 and 1 (an integer or bool tensor); got {mask.dtype} "
+                            f"with values {mask.unique()[:6].tolist()}")
+    return mask.long()
+
+
 def to_batch(model: Model, inputs: Inputs, *, truncate: bool = False, padding_side: str = "right") -> dict[str, torch.Tensor]:
-    """Turn prompts, a token tensor or a tokenizer dict into {input_ids, attention_mask} on the model's device."""
+    """Turn prompts, a token tensor or a tokenizer dict into {input_ids, attention_mask} on the model's device.
+
+    Token ids are checked against the vocabulary and a given mask against their shape, before anything runs."""
     if isinstance(inputs, str) or (isinstance(inputs, Sequence) and not isinstance(inputs, torch.Tensor)):
         return model.tokenize(inputs, truncate=truncate, padding_side=padding_side)
     if isinstance(inputs, torch.Tensor):
@@ -62,16 +91,19 @@ def to_batch(model: Model, inputs: Inputs, *, truncate: bool = False, padding_si
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
     else:
         raise TypeError(f"inputs must be prompts, a LongTensor of token ids or a dict with input_ids; got {type(inputs).__name__}")
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"input_ids must be an integer tensor (batch, seq); got {type(ids).__name__}")
     if ids.ndim == 1:
         ids = ids[None]
+        mask = mask[None] if isinstance(mask, torch.Tensor) and mask.ndim == 1 else mask
     if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"token ids must be an integer tensor (batch, seq); got {tuple(ids.shape)} {ids.dtype}")
     if ids.shape[1] == 0 or (ids.shape[1] == 1 and bool((ids == model.bos_token_id).all())):
         raise EmptyInputError(f"token ids of shape {tuple(ids.shape)} hold nothing besides BOS; give some text")
     if ids.shape[1] > model.max_context:
         raise ContextLengthError(f"{ids.shape[1]} tokens but the model's context is {model.max_context}; cut the input")
-    if mask is None:
-        mask = torch.ones_like(ids)
+    check_token_ids(model, ids)
+    mask = torch.ones_like(ids) if mask is None else check_mask(mask, ids)
     return {"input_ids": ids.to(model.device), "attention_mask": mask.to(model.device)}
 
 
@@ -79,7 +111,7 @@ def trace_batch(model: Model, batch: Mapping[str, torch.Tensor], sites: list[Sit
                 stop_early: bool = True, to_cpu: bool = True) -> dict[str, torch.Tensor]:
     """One forward over `batch` returning {site name: activation}; sites must be sorted (see resolve_sites)."""
     saved = {}
-    with torch.no_grad(), model.nn.trace(dict(batch)) as tracer:
+    with exclusive(model, "capture"), torch.no_grad(), model.nn.trace(dict(batch)) as tracer:
         for s in sites:
             saved[s.name] = read_site(model, s).save()
         if stop_early:
@@ -120,7 +152,10 @@ class Activations:
 
 def capture(model: Model, inputs: Inputs, sites: str | Site | Sequence[str | Site], *, batch_size: int = 8,
             stop_early: bool = True, truncate: bool = False, progress: bool = False) -> Activations:
-    """Activations at `sites` for prompts (or token ids), batched; the model stops after the last layer needed."""
+    """Activations at `sites` for prompts (or token ids), batched; the model stops after the last layer needed.
+
+    Safe to call from several threads on one model: each trace holds the model's lock (see toolkit.tracing.guard)."""
+    batch_size = check_positive_int(batch_size, "batch_size")
     resolved = resolve_sites(model, sites)
     batch = to_batch(model, inputs, truncate=truncate)
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -137,10 +172,19 @@ def capture(model: Model, inputs: Inputs, sites: str | Site | Sequence[str | Sit
 def iter_capture(model: Model, contexts: torch.Tensor, sites: str | Site | Sequence[str | Site], *,
                  batch_size: int = 8, attention_mask: torch.Tensor | None = None, progress: bool = True,
                  desc: str | None = None, start: int = 0, stop_early: bool = True) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """Stream activations over a corpus of token contexts `(n, ctx)`: yields (row offset, {site: (b, ctx, d)})."""
+    """Stream activations over a corpus of token contexts `(n, ctx)`: yields (row offset, {site: (b, ctx, d)}).
+
+    Each batch's trace holds the model's lock (thread-safe); the lock is free between yields."""
+    batch_size = check_positive_int(batch_size, "batch_size")
     resolved = resolve_sites(model, sites)
-    if contexts.ndim != 2 or contexts.shape[0] == 0:
-        raise EmptyInputError(f"contexts must be a non-empty (n, ctx) token tensor; got shape {tuple(contexts.shape)}")
+    if not isinstance(contexts, torch.Tensor) or contexts.ndim != 2 or contexts.shape[0] == 0:
+        got = tuple(contexts.shape) if isinstance(contexts, torch.Tensor) else type(contexts).__name__
+        raise EmptyInputError(f"contexts must be a non-empty (n, ctx) token tensor; got {got}")
+    if contexts.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"contexts must be integer token ids, got {contexts.dtype}")
+    check_token_ids(model, contexts, "contexts' token ids")
+    if attention_mask is not None:
+        attention_mask = check_mask(attention_mask, contexts)
     n = contexts.shape[0]
     bar = progress_bar(total=n - start, desc=desc or f"capture {', '.join(s.name for s in resolved)}",
                        enabled=progress, unit="ctx")

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from toolkit.config import CacheConfig
-from toolkit.errors import CacheError, ShapeMismatchError
+from toolkit.errors import CacheError, ShapeMismatchError, check_positive_int
 from toolkit.io import DTYPE_NAMES, DTYPES
 from toolkit.sites import Site
 from toolkit.tracing.cache import ActivationCache, contexts_fingerprint
-from toolkit.tracing.capture import iter_capture
+from toolkit.tracing.capture import check_mask, iter_capture
 
 if TYPE_CHECKING:
     from toolkit.models import Model
@@ -62,8 +62,11 @@ def fill_cache(model: Model, site_or_sites: str | Site | Sequence[str | Site], c
     Rows are real tokens only (BOS and padding dropped unless `keep_bos`). `dtype=torch.bfloat16` halves the disk.
     `capture_fn` has the signature of `iter_capture` (tests pass synthetic ones).
     """
+    check_positive_int(batch_size, "batch_size")  # before the folder is made
     raw_sites = [site_or_sites] if isinstance(site_or_sites, (str, Site)) else list(site_or_sites)
     sites = [model.site(s) for s in raw_sites]
+    if attention_mask is not None:
+        check_mask(attention_mask, contexts)
     cfg = cache_config(model, sites, contexts, attention_mask, shard_contexts, dtype, keep_bos)
     cache = ActivationCache.create(folder, cfg, resume=resume)
     try:

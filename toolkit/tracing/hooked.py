@@ -11,7 +11,8 @@ import torch
 
 from toolkit.sites import Site, module_path
 from toolkit.tracing.capture import to_batch
-from toolkit.tracing.intervene import Edit, _plan
+from toolkit.tracing.guard import exclusive
+from toolkit.tracing.intervene import Edit, _plan, check_positions, generation_kwargs
 
 if TYPE_CHECKING:
     from toolkit.models import Model
@@ -58,17 +59,18 @@ def hooked(model: Model, edits: Sequence[Edit], bos_mask: torch.Tensor | None) -
 def generate_hooked(model: Model, prompts: str | Sequence[str], edits: Sequence[Edit] = (), *,
                     max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
                     seed: int | None = None, truncate: bool = False, min_new_tokens: int | None = None) -> list[str]:
-    """Like `toolkit.tracing.generate` (same edits, positions and BOS handling), with PyTorch hooks."""
+    """Like `toolkit.tracing.generate` (same edits, positions and BOS handling), with PyTorch hooks.
+
+    The hooks live on the shared module, so the generation holds the model's lock from installing them to
+    removing them: concurrent calls on one model are serialized, never see each other's edits."""
     batch = to_batch(model, [prompts] if isinstance(prompts, str) else list(prompts), truncate=truncate,
                      padding_side="left")
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
-                              "pad_token_id": model.tokenizer.pad_token_id}
-    if min_new_tokens is not None:
-        kwargs["min_new_tokens"] = min_new_tokens
-    if do_sample:
-        kwargs["temperature"] = temperature
+    _plan(model, edits)  # validate every edit before any work
+    check_positions(edits, batch["input_ids"].shape[1])
+    kwargs = generation_kwargs(model, max_new_tokens, do_sample, temperature, min_new_tokens)
     bos = batch["input_ids"] == model.bos_token_id
-    with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
+    with exclusive(model, "generate_hooked"), \
+            torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
         if seed is not None:
             torch.manual_seed(seed)
         with torch.no_grad(), hooked(model, edits, bos):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -10,9 +11,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from toolkit.errors import NonFiniteError, ShapeMismatchError
+from toolkit.errors import ArgumentError, NonFiniteError, ShapeMismatchError, check_finite, check_positive_int
 from toolkit.sites import Site
 from toolkit.tracing.capture import Inputs, read_site, resolve_sites, to_batch, write_site
+from toolkit.tracing.guard import exclusive
 
 if TYPE_CHECKING:
     from toolkit.models import Model
@@ -26,6 +28,29 @@ def _select(positions: Positions) -> slice | list[int] | int:
     if isinstance(positions, (int, slice)):
         return positions
     return list(positions)
+
+
+def _is_int(v: object) -> bool:
+    return not isinstance(v, bool) and hasattr(v, "__index__")
+
+
+def _check_positions_type(positions: Positions, site: Site) -> None:
+    ok = positions is None or isinstance(positions, slice) or _is_int(positions) or (
+        isinstance(positions, Sequence) and not isinstance(positions, str) and all(_is_int(p) for p in positions))
+    if not ok:
+        raise ArgumentError(f"positions of the edit at {site.name} must be None, an int, a slice or a list of ints; "
+                            f"got {positions!r}")
+
+
+def check_positions(edits: Sequence[Edit], seq_len: int) -> None:
+    """ArgumentError for an edit whose integer positions fall outside a prompt of `seq_len` tokens (before running)."""
+    for e in edits:
+        p = e.positions
+        ints = [] if p is None or isinstance(p, slice) else [p] if _is_int(p) else list(p)
+        bad = [int(i) for i in ints if not -seq_len <= int(i) < seq_len]
+        if bad:
+            raise ArgumentError(f"positions {bad} of the edit at {e.site} are out of range for prompts of {seq_len} "
+                                f"tokens (with BOS and padding): valid positions are {-seq_len}..{seq_len - 1}")
 
 
 @dataclass(frozen=True)
@@ -44,7 +69,9 @@ class Edit:
 
     def check(self, model: Model) -> Site:
         """Validate against the model before anything runs."""
-        return model.site(self.site)
+        s = model.site(self.site)
+        _check_positions_type(self.positions, s)
+        return s
 
     def apply(self, act: torch.Tensor, prompt_pass: bool = True, bos_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Return the edited activation (a new tensor; `act` is not modified); `bos_mask` (batch, seq) marks BOS."""
@@ -60,10 +87,16 @@ class Edit:
 
 def _check_vector(v: torch.Tensor, model: Model, site: Site, what: str) -> None:
     width = model.site_width(site)
-    if v.shape[-1] != width:
-        raise ShapeMismatchError(f"{what} has width {v.shape[-1]} but site {site.name} of {model.name} has width {width}")
-    if not torch.isfinite(v).all():
-        raise NonFiniteError(f"{what} for site {site.name} holds {int((~torch.isfinite(v)).sum())} NaN/inf values")
+    if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+        raise TypeError(f"{what} for site {site.name} must be a floating torch.Tensor of shape ({width},); got "
+                        f"{getattr(v, 'dtype', type(v).__name__)}")
+    if v.ndim == 0 or v.shape[-1] != width:
+        raise ShapeMismatchError(f"{what} has width {v.shape[-1] if v.ndim else None} but site {site.name} of "
+                                 f"{model.name} has width {width}")
+    if v.ndim != 1:
+        raise ShapeMismatchError(f"{what} has shape {tuple(v.shape)} but site {site.name} needs one vector of shape "
+                                 f"({width},) (it is added at every selected position); take one row, e.g. v[0]")
+    check_finite(v, f"the {what} for site {site.name}")
 
 
 @dataclass(frozen=True)
@@ -76,6 +109,10 @@ class Add(Edit):
     def check(self, model: Model) -> Site:
         s = super().check(model)
         _check_vector(self.vector, model, s, "steering vector")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
+            raise TypeError(f"scale of the Add at {s.name} must be a number, got {self.scale!r}")
+        if not math.isfinite(self.scale):
+            raise NonFiniteError(f"scale of the Add at {s.name} must be finite, got {self.scale!r}")
         return s
 
     def transform(self, act: torch.Tensor) -> torch.Tensor:
@@ -123,8 +160,12 @@ class Splice(Edit):
 
     def transform(self, act: torch.Tensor) -> torch.Tensor:
         out = self.fn(act)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"spliced function at {self.site} returned {type(out).__name__}, not a tensor")
         if out.shape != act.shape:
             raise ShapeMismatchError(f"spliced function returned {tuple(out.shape)} for an activation of {tuple(act.shape)} at {self.site}")
+        if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(act).all()):
+            check_finite(out, f"what the spliced function at {self.site} returned for finite activations")
         return out
 
 
@@ -152,16 +193,19 @@ def run_with_edits(model: Model, inputs: Inputs, edits: Sequence[Edit] = (), *,
                    truncate: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One forward pass with `edits` applied; returns (final logits, {captured site: activation after edits}).
 
-    The logits are the model's own output (Gemma-2's soft-capped logits, not `lm_head.output`).
+    The logits are the model's own output (Gemma-2's soft-capped logits, not `lm_head.output`). Safe to call
+    from several threads on one model (the trace holds the model's lock); calling it from inside an edit's
+    function or another trace raises NestedTraceError.
     """
     plan = _plan(model, edits)
     cap = resolve_sites(model, capture) if capture else []
     batch = to_batch(model, inputs, truncate=truncate)
+    check_positions(edits, batch["input_ids"].shape[1])
     steps = sorted([(s, "edit", es) for s, es in plan] + [(s, "read", None) for s in cap],
                    key=lambda x: (x[0].order, x[1] == "read"))
     saved = {}
     bos_mask = batch["input_ids"] == model.bos_token_id
-    with torch.set_grad_enabled(grad), model.nn.trace(batch):
+    with exclusive(model, "run_with_edits"), torch.set_grad_enabled(grad), model.nn.trace(batch):
         for s, kind, es in steps:
             if kind == "edit":
                 _apply_all(model, [(s, es)], prompt_pass=True, bos_mask=bos_mask)
@@ -171,19 +215,35 @@ def run_with_edits(model: Model, inputs: Inputs, edits: Sequence[Edit] = (), *,
     return logits, dict(saved)
 
 
+def generation_kwargs(model: Model, max_new_tokens: int, do_sample: bool, temperature: float,
+                      min_new_tokens: int | None = None) -> dict[str, object]:
+    """Hugging Face `generate` arguments, validated (ArgumentError naming the bad one) before any work."""
+    kwargs: dict[str, object] = {"max_new_tokens": check_positive_int(max_new_tokens, "max_new_tokens"),
+                                 "do_sample": bool(do_sample), "pad_token_id": model.tokenizer.pad_token_id}
+    if min_new_tokens is not None:
+        kwargs["min_new_tokens"] = check_positive_int(min_new_tokens, "min_new_tokens")
+    if do_sample:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
+                not (math.isfinite(temperature) and temperature > 0):
+            raise ArgumentError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}")
+        kwargs["temperature"] = float(temperature)
+    return kwargs
+
+
 def generate(model: Model, prompts: str | Sequence[str], edits: Sequence[Edit] = (), *, max_new_tokens: int = 20,
              do_sample: bool = False, temperature: float = 1.0, seed: int | None = None,
              truncate: bool = False) -> list[str]:
-    """Generate continuations with `edits` applied at every step; returns only the new text per prompt."""
+    """Generate continuations with `edits` applied at every step; returns only the new text per prompt.
+
+    Thread-safe on one model: the whole generation holds the model's lock (see toolkit.tracing.guard)."""
     plan = _plan(model, edits)
     batch = to_batch(model, [prompts] if isinstance(prompts, str) else list(prompts), truncate=truncate,
                      padding_side="left")
+    check_positions(edits, batch["input_ids"].shape[1])
     bos_mask = batch["input_ids"] == model.bos_token_id
-    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
-              "pad_token_id": model.tokenizer.pad_token_id}
-    if do_sample:
-        kwargs["temperature"] = temperature
-    with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
+    kwargs = generation_kwargs(model, max_new_tokens, do_sample, temperature)
+    with exclusive(model, "generate"), \
+            torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
         if seed is not None:
             torch.manual_seed(seed)
         with torch.no_grad(), warnings.catch_warnings():

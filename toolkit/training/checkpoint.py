@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from toolkit.devices import resolve_device
 from toolkit.errors import CheckpointError
 from toolkit.folders import fsync_tree, swap_in
 from toolkit.io import (
@@ -97,7 +98,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     state = read_json(path / STATE, what="checkpoint state")
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{path / STATE}: checkpoint format {state.get('format')!r}, expected {FORMAT}")
-    return Checkpoint(path, load_tensors(path / TENSORS, device=device), state)
+    return Checkpoint(path, load_tensors(path / TENSORS, device=resolve_device(device)), state)
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:

@@ -21,7 +21,7 @@ import torch
 from toolkit.analysis.axbench.concepts import Concept
 from toolkit.analysis.probes import train_probe
 from toolkit.analysis.table import Table
-from toolkit.errors import EmptyInputError, NonFiniteError
+from toolkit.errors import EmptyInputError, check_finite
 from toolkit.progress import progress_bar
 from toolkit.tracing import capture
 
@@ -35,9 +35,7 @@ def text_token_acts(model: Any, site: str, texts: Sequence[str], *, batch_size: 
     acts = capture(model, list(texts), site, batch_size=batch_size, truncate=True)
     x = acts[site].float()
     keep = acts.attention_mask.bool() & (acts.input_ids != model.bos_token_id)
-    bad = int((~torch.isfinite(x[keep])).sum())
-    if bad:
-        raise NonFiniteError(f"{bad} non-finite values (NaN/inf) in activations at {site}")
+    check_finite(x[keep], f"activations at {site}")
     return [x[i][keep[i]] for i in range(len(texts))]
 
 
@@ -50,7 +48,7 @@ def max_projection(acts: list[torch.Tensor], direction: torch.Tensor) -> np.ndar
 def max_codes(sae: Any, acts: list[torch.Tensor]) -> torch.Tensor:
     """Each text's max over tokens of every SAE latent, `(n_texts, d_sae)`."""
     with torch.no_grad():
-        codes = sae.encode(torch.cat(acts).to(sae.device, sae.dtype)).float().cpu()
+        codes = check_finite(sae.encode(torch.cat(acts).to(sae.device, sae.dtype)).float().cpu(), "SAE codes")
     return torch.stack([c.max(0).values for c in codes.split([len(a) for a in acts])])
 
 
@@ -94,7 +92,7 @@ def detect_concept(model: Any, sae: Any, concept: Concept, *, site: str | None =
     `memo` (a dict the caller keeps) reuses activations of text sets seen before, e.g. shared negatives."""
     from sklearn.metrics import roc_auc_score
 
-    s = sae.check_compatible(model, site or sae.cfg.site).name
+    s = sae.check_compatible(model, site).name
     memo = {} if memo is None else memo
 
     def acts(texts: Sequence[str]) -> list[torch.Tensor]:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from toolkit.errors import NonFiniteError, ShapeMismatchError
+from toolkit.errors import NonFiniteError, ShapeMismatchError, SiteMismatchError
 from toolkit.sae.sae import SAE
 from toolkit.sites import Site
 
@@ -94,8 +94,8 @@ class LatentSteer:
             raise ValueError(f"{self.sae.name} does not know its site; pass site='blocks.<layer>.<kind>'")
         site = Site.parse(self.site if self.site is not None else trained).name
         if trained is not None and Site.parse(trained).name != site:
-            raise ValueError(f"{self.sae.name} was trained on {trained}, not {site}; steer its latents at {trained} "
-                             f"or use an SAE trained on {site}")
+            raise SiteMismatchError(f"{self.sae.name} was trained on {trained}, not {site}; steer its latents at "
+                                    f"{trained}, use an SAE trained on {site}, or sae.at_site({site!r}) on purpose")
         object.__setattr__(self, "site", site)
         object.__setattr__(self, "sae_name", self.sae_name or site)
         object.__setattr__(self, "name", self.name or f"{site}/{self.latent}")

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from toolkit.analysis.steering.items import check_strength
 from toolkit.analysis.steering.spec import SteeringSpec, require_prompts
 from toolkit.analysis.table import Table
-from toolkit.errors import EmptyInputError
+from toolkit.errors import EmptyInputError, check_positive_int
 from toolkit.progress import progress_bar
 from toolkit.tracing.hooked import generate_hooked
 
@@ -37,8 +37,7 @@ def sweep(model: Model, prompts: Sequence[str], spec: SteeringSpec, strengths: S
     for k, fn in scores.items():
         if not callable(fn):
             raise TypeError(f"score {k!r} must be a callable (prompts, continuations) -> numbers")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_positive_int(batch_size, "batch_size")
     plans = [spec.with_strength(s, names).edits(model) for s in strengths]  # validates every item up front
 
     rows = []

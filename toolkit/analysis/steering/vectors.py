@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from toolkit.analysis.steering.spec import require_prompts
-from toolkit.errors import EmptyInputError, NonFiniteError, ShapeMismatchError
+from toolkit.errors import EmptyInputError, NonFiniteError, ShapeMismatchError, check_finite
 from toolkit.sae.sae import SAE
 from toolkit.tracing import capture
 
@@ -23,7 +23,8 @@ def token_activations(model: Model, site: str, texts: Sequence[str], *, batch_si
     """All non-BOS, non-pad token activations `(n_tokens, width)` of `texts` at `site` (float32, CPU)."""
     texts = require_prompts(texts, "texts")
     s = model.site(site).name
-    return capture(model, texts, s, batch_size=batch_size, truncate=truncate).tokens_only(s).float()
+    x = capture(model, texts, s, batch_size=batch_size, truncate=truncate).tokens_only(s).float()
+    return check_finite(x, f"activations at {s} (of {len(texts)} texts)")
 
 
 def last_token_activations(model: Model, site: str, texts: Sequence[str], *, batch_size: int = 8) -> torch.Tensor:
@@ -32,7 +33,7 @@ def last_token_activations(model: Model, site: str, texts: Sequence[str], *, bat
     s = model.site(site).name
     acts = capture(model, texts, s, batch_size=batch_size, truncate=True)
     last = acts.attention_mask.sum(1) - 1
-    return acts[s][torch.arange(len(texts)), last].float()
+    return check_finite(acts[s][torch.arange(len(texts)), last].float(), f"last-token activations at {s}")
 
 
 def _two_sets(positives: Sequence[str], negatives: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -126,10 +127,10 @@ def latent_unit(model: Model, sae: SAE, latents: int | Sequence[int], texts: Seq
     """Max activation of SAE latent(s) over the non-BOS tokens of `texts`: latent strength 1 = its max."""
     single = not isinstance(latents, Sequence)
     idx = [sae.check_feature(i) for i in ([latents] if single else latents)]
-    s = sae.check_compatible(model, site or sae.cfg.site).name
+    s = sae.check_compatible(model, site).name
     with torch.no_grad():
         x = token_activations(model, s, texts, batch_size=batch_size)
-        codes = sae.encode(x.to(sae.device))[:, idx].float().cpu()
+        codes = check_finite(sae.encode(x.to(sae.device))[:, idx].float().cpu(), f"SAE codes at {s}")
     mx = codes.max(0).values
     dead = [i for i, m in zip(idx, mx.tolist(), strict=True) if m <= 0]
     if dead:
@@ -149,9 +150,11 @@ def projection_scores(model: Model, site: str, direction: torch.Tensor, texts: S
     width = model.site_width(s)
     if direction.shape[-1] != width:
         raise ShapeMismatchError(f"direction has width {direction.shape[-1]}, site {s} has width {width}")
+    check_finite(direction, "the direction")
     acts = capture(model, texts, s, batch_size=batch_size, truncate=True)
-    proj = acts[s].float() @ direction.float().cpu()
     keep = acts.attention_mask.bool() & (acts.input_ids != model.bos_token_id)
+    check_finite(acts[s][keep], f"activations at {s}")
+    proj = acts[s].float() @ direction.float().cpu()
     if pool == "max":
         return proj.masked_fill(~keep, float("-inf")).max(1).values
     if pool == "mean":

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import toolkit.kernels as kernels
+from toolkit.training import distributed
 
 if TYPE_CHECKING:
     from toolkit.crosscoder import Crosscoder
@@ -183,7 +184,8 @@ def auxk_loss(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, 
     """AuxK (OpenAI; sparsify's form): the selected dead latents (values, indices: (B, k)) reconstruct the residual
     (B, D) through W_dec (d_sae, D); squared error over the residual's variance, scaled by min(n_dead / aux_k, 1)."""
     e_hat = kernels.decode_sparse(indices, values, W_dec)
-    total = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+    # data parallel: the global batch's variance, and x world size so the gradient mean over ranks is the sum
+    total = distributed.global_centered_sq(residual).clamp_min(1e-12) / distributed.world_size()
     return min(n_dead / aux_k, 1.0) * (e_hat - residual).pow(2).sum() / total
 
 
@@ -289,10 +291,15 @@ def batch_topk_codes(sae: SAE, x_in: torch.Tensor) -> FlatCodes:
     B, d_sae = x_in.shape[0], sae.d_sae
     with torch.no_grad():
         acts = torch.addmm(sae.b_enc, x_in, sae.W_enc).relu_().flatten()
-        vals, flat = acts.topk(min(sae.cfg.k * B, acts.numel()), sorted=False)
-        keep = vals > 0
-        flat, order = flat[keep].sort()  # token-major, so each token's latents are contiguous
-        vals = vals[keep][order]
+        if distributed.world_size() > 1:  # the k·B largest of the global batch: those >= its (k·B)-th largest
+            kth = distributed.global_kth_largest(acts, sae.cfg.k * B * distributed.world_size())
+            flat = ((acts >= kth) & (acts > 0)).nonzero().squeeze(1)  # already token-major
+            vals = acts[flat]
+        else:
+            vals, flat = acts.topk(min(sae.cfg.k * B, acts.numel()), sorted=False)
+            keep = vals > 0
+            flat, order = flat[keep].sort()  # token-major, so each token's latents are contiguous
+            vals = vals[keep][order]
         counts = torch.bincount(flat // d_sae, minlength=B)
         crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         cols = flat % d_sae
@@ -344,7 +351,7 @@ def crosscoder_objective(cc: Crosscoder, x: torch.Tensor, ctx: LossContext) -> L
     """Squared error over both models (x: (B, 2, d_in), normalized) + α AuxK ('batchtopk', codes ranked by
     relu(pre) · (|d_base| + |d_ft|) over the batch) or + λ Σ f_j (|d_base| + |d_ft|) ('relu', Anthropic)."""
     pre = cc.pre_activations(x)
-    codes = cc.activate(pre)
+    codes = cc.activate(pre) if distributed.world_size() == 1 else _global_batch_topk(cc, pre)
     recon = cc.decode_normalized(codes)
     mse = (x - recon).pow(2).sum((-1, -2)).mean()
     weights = cc.code_weights()
@@ -360,6 +367,17 @@ def crosscoder_objective(cc: Crosscoder, x: torch.Tensor, ctx: LossContext) -> L
     active = codes.detach() > 0
     return LossOutput(loss, recon.detach(), mse.detach(), sparsity.detach(), aux.detach(),
                       active.sum(-1).float().mean(), active.any(0), min_selected)
+
+
+def _global_batch_topk(cc: Crosscoder, pre: torch.Tensor) -> torch.Tensor:
+    """Crosscoder.activate over the global batch (data parallel): codes whose weighted value is among the k·B
+    largest of every rank's rows."""
+    f = F.relu(pre)
+    if cc.cfg.architecture == "relu":
+        return f
+    scaled = (f * cc.code_weights()).detach()
+    kth = distributed.global_kth_largest(scaled.flatten(), cc.cfg.k * pre.shape[0] * distributed.world_size())
+    return f * (scaled >= kth)
 
 
 def _crosscoder_aux_k(cc: Crosscoder, pre: torch.Tensor, weights: torch.Tensor, residual: torch.Tensor,

@@ -29,8 +29,9 @@ from toolkit.config import Optimization
 from toolkit.errors import CheckpointError, NonFiniteError
 from toolkit.folders import lock_folder, make_dir
 from toolkit.progress import progress_bar
+from toolkit.training import distributed, restart
 from toolkit.training.batches import BatchStream
-from toolkit.training.checkpoint import Checkpoint, list_checkpoints, load_latest_checkpoint, save_checkpoint
+from toolkit.training.checkpoint import Checkpoint
 from toolkit.training.objectives import LossContext, LossOutput
 
 log = logging.getLogger(__name__)
@@ -122,9 +123,10 @@ class Run:
         dead = self.since_fired >= cfg.dead_after_tokens
         out = self.objective(x, self.loss_context(dead))
         self.opt.zero_grad(set_to_none=True)
-        if not bool(torch.isfinite(out.loss)):
+        if not distributed.agree(bool(torch.isfinite(out.loss))):
             return None
         out.loss.backward()
+        distributed.average_gradients(self.params)  # data parallel: every rank takes the same step
         with_grad = [p for p in self.params if p.grad is not None]
         self.constrain_gradients()
         # one norm over all gradients: non-finite iff a gradient is (then nothing changes), and what clipping needs
@@ -140,9 +142,10 @@ class Run:
 
     def after_step(self, x: torch.Tensor, out: LossOutput) -> dict[str, float]:
         """Counters, dead latents, the threshold and the history after a successful step; returns its metrics."""
-        n = x.shape[0]
+        n = x.shape[0] * distributed.world_size()
         self.step, self.tokens, self.consecutive = self.step + 1, self.tokens + n, 0
         self.since_fired += n
+        out = distributed.reduce_batch_stats(out)
         self.since_fired[out.fired] = 0
         threshold = self.threshold()
         if out.min_selected is not None and threshold is not None:  # BatchTopK inference threshold: mean, then EMA
@@ -150,9 +153,8 @@ class Run:
             w = max(1 / self.thr_count, 1 - self.cfg.threshold_ema_beta)
             with torch.no_grad():
                 threshold.copy_(out.min_selected if self.thr_count == 1 else threshold + w * (out.min_selected - threshold))
-        total_var = (x - x.mean(0)).pow(2).sum()
-        loss, mse, l0, aux, sparsity, var = torch.stack(
-            [out.loss.detach(), out.mse, out.l0, out.aux, out.sparsity, total_var]).tolist()
+        stats = distributed.all_reduce(torch.stack([out.loss.detach(), out.mse, out.l0, out.aux, out.sparsity]), "mean")
+        loss, mse, l0, aux, sparsity, var = [*stats.tolist(), float(distributed.global_centered_sq(x))]
         self.observe_l0(l0)
         m = {"loss": loss, "mse": mse, "fvu": mse * n / var if var > 0 else math.nan, "l0": l0, "aux": aux,
              "sparsity": sparsity}
@@ -215,7 +217,7 @@ class Run:
             for k in _COUNTERS:
                 setattr(self, k, int(s[k]))
             self.history, self.window = list(s["history"]), dict(s["window"])
-            _restore_rng(t, s)
+            restart.restore_rng(t, s)
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise CheckpointError(f"{ck.path}: incomplete or inconsistent training state ({e})") from e
 
@@ -275,39 +277,6 @@ class Run:
         raise NotImplementedError
 
 
-def _restore_rng(t: dict[str, torch.Tensor], s: dict[str, Any]) -> None:
-    torch.set_rng_state(t["rng.torch"])
-    cuda = [t[k] for k in sorted(t) if k.startswith("rng.cuda.")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    ver, mt, gauss = s["rng_python"]
-    random.setstate((ver, tuple(mt), gauss))
-    npos, has_gauss, cached = s["rng_numpy"]
-    np.random.set_state(("MT19937", t["rng.numpy"].numpy().astype(np.uint32), npos, has_gauss, cached))
-
-
-def _start(run: Run, out: Path | None, resume: bool) -> bool:
-    """Restore the newest complete checkpoint (resume) or seed a fresh run; True if resumed."""
-    if resume and out is None:
-        raise ValueError("resume=True needs the out_dir holding the checkpoints")
-    ck = None
-    if out is not None and resume:
-        ck = load_latest_checkpoint(out, device=run.cfg.device)
-        if ck is None:
-            log.info("no complete checkpoint in %s: starting a fresh run", out)
-    elif out is not None and list_checkpoints(out):
-        raise CheckpointError(f"{out} already holds checkpoints ({list_checkpoints(out)[-1].name}); pass resume=True "
-                              "to continue that run, or choose another out_dir")
-    if ck is not None:
-        run.restore(ck)
-        log.info("resumed from %s (step %d)", ck.path, run.step)
-        return True
-    random.seed(run.cfg.seed)
-    np.random.seed(run.cfg.seed)
-    torch.manual_seed(run.cfg.seed)
-    return False
-
-
 def _one_batch(run: Run, stream: BatchStream) -> tuple[torch.Tensor, LossOutput | None] | None:
     """Pull a batch and train on it; None when the source ran out, (x, None) when the step was skipped."""
     x = stream.next()
@@ -317,7 +286,7 @@ def _one_batch(run: Run, stream: BatchStream) -> tuple[torch.Tensor, LossOutput 
         return None
     run.position = stream.position
     x = run.normalize(x.to(device=run.cfg.device))
-    result = run.train_step(x) if bool(torch.isfinite(x).all()) else None
+    result = run.train_step(x) if distributed.agree(bool(torch.isfinite(x).all())) else None
     if result is None:
         run.skipped += 1
         run.consecutive += 1
@@ -335,12 +304,17 @@ def fit(run: Run, stream: BatchStream, *, out_dir: str | os.PathLike | None = No
     `resume=True` continues from the newest complete checkpoint in out_dir (or starts fresh if there is none);
     without it, an out_dir that already holds checkpoints is refused. A fresh run seeds python, numpy and torch
     with cfg.seed. `callback(step, metrics)` runs after every optimizer step (and after its checkpoint).
+    Under torchrun (WORLD_SIZE > 1) it trains data parallel (toolkit.training.distributed): cfg.batch_size is the
+    global batch; rank 0 writes the checkpoints and the module and shows progress.
     """
     t0 = time.perf_counter()
+    if distributed.init_from_env():
+        stream = distributed.ShardedStream(stream)
+    main = distributed.is_main()
     out = make_dir(out_dir, "training output folder") if out_dir is not None else None
-    lock = lock_folder(out, "training output folder") if out is not None else None  # held until fit returns
+    lock = lock_folder(out, "training output folder") if out is not None and main else None  # held until fit returns
     try:
-        return _fit(run, stream, out, resume, progress, callback, desc, t0)
+        return _fit(run, stream, out, resume, progress and main, callback, desc, t0)
     finally:
         if lock is not None:
             lock.release()
@@ -349,7 +323,7 @@ def fit(run: Run, stream: BatchStream, *, out_dir: str | os.PathLike | None = No
 def _fit(run: Run, stream: BatchStream, out: Path | None, resume: bool, progress: bool,
          callback: Callable[[int, dict[str, float]], None] | None, desc: str, t0: float) -> TrainResult:
     cfg = run.cfg
-    resumed = _start(run, out, resume)
+    resumed = restart.start(run, out, resume)
     stream.seek(run.position)
     if not resumed and run.step < cfg.n_steps:
         run.initialize(stream)
@@ -373,7 +347,7 @@ def _fit(run: Run, stream: BatchStream, out: Path | None, resume: bool, progress
                                 FVU=f"{metrics['fvu']:.3f}", dead=f"{run.dead_fraction():.1%}", refresh=False)
             if out is not None and cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 \
                     and run.step < cfg.n_steps:
-                save_checkpoint(out, run.step, run.tensors(), run.state(), keep=cfg.keep_checkpoints)
+                restart.save(run, out)
             if callback is not None:
                 callback(run.step, metrics)
     finally:
@@ -382,8 +356,7 @@ def _fit(run: Run, stream: BatchStream, out: Path | None, resume: bool, progress
     module = run.final_module()
     saved = None
     if out is not None:
-        save_checkpoint(out, run.step, run.tensors(), run.state(), keep=cfg.keep_checkpoints)
-        saved = module.save(out / run.name)
+        saved = restart.save(run, out, module)
     seconds = time.perf_counter() - t0
     return TrainResult(module=module, history=list(run.history), steps=run.step, tokens=run.tokens,
                        skipped_steps=run.skipped, scale=run.scale_value(), saved_dir=saved, seconds=seconds,

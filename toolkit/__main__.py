@@ -1,6 +1,6 @@
 """Command line: `python -m toolkit prepare [--tutorials] [--repair]` (convert the default model once, verify
 every file's sha256 and convert again when damaged; make what the tutorials train on first use),
-`summarize NOTEBOOK`."""
+`summarize NOTEBOOK`, `train CONFIG` (an SAE or crosscoder from a config file; under torchrun, data parallel)."""
 
 from __future__ import annotations
 
@@ -73,6 +73,38 @@ def _summarize(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+_TRAIN_HELP = """Train an SAE or a crosscoder from a config file (TOML or JSON; toolkit/training/cli.py documents it):
+
+  kind = "sae"                    # or "crosscoder" (then data = [base cache, fine-tuned cache] and a [crosscoder] table)
+  data = "acts/layer12"           # an activation-cache folder (relative paths: from the config file's folder)
+  out_dir = "runs/layer12"        # checkpoints + the final module; resume = true (default) continues a run there
+  [train]                         # TrainConfig / CrosscoderTraining fields; batch_size is the global batch
+  batch_size = 4096
+  total_tokens = 200_000_000
+  [train.sae]                     # SAEConfig fields
+  d_in = 2304
+  d_sae = 16384
+  architecture = "batchtopk"
+  k = 64
+
+Several processes (GPUs or CPU cores), one or more machines:
+  torchrun --nproc-per-node 8 -m toolkit train job.toml
+"""
+
+
+def _train(args: argparse.Namespace) -> int:
+    from toolkit.training.cli import read_job, run_job
+    from toolkit.training.distributed import is_main
+
+    job = read_job(args.config)
+    res = run_job(job, progress=not args.no_progress)
+    if is_main():
+        last = res.history[-1] if res.history else {}
+        print(f"trained {job.kind}: {res.steps} steps, {res.tokens:,} tokens, {res.tokens_per_s:,.0f} tokens/s; "
+              f"FVU {last.get('fvu', float('nan')):.4f}, L0 {last.get('l0', float('nan')):.2f}; saved to {res.saved_dir}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m toolkit")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -87,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("summarize", help="print an executed notebook's printed output and errors")
     s.add_argument("notebook")
     s.set_defaults(fn=_summarize)
+    t = sub.add_parser("train", help="train an SAE or crosscoder from a TOML/JSON config file (under torchrun: "
+                       "data parallel)", description=_TRAIN_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("config", help="the .toml or .json config file")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (logs of batch jobs)")
+    t.set_defaults(fn=_train)
     args = parser.parse_args(argv)
     from toolkit.errors import ToolkitError
 

@@ -45,6 +45,10 @@ class ModelUnavailableError(ToolkitError, OSError):
     """Weights that cannot be found locally and cannot be downloaded (offline, gated, missing)."""
 
 
+class RemoteUnavailableError(ModelUnavailableError):
+    """A remote (NDIF) trace that cannot run: no API key, no network, the service refused or failed the job."""
+
+
 class CacheError(ToolkitError, OSError):
     """An activation cache folder that is inconsistent with what was asked of it."""
 

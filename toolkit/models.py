@@ -44,13 +44,16 @@ class Model:
     vocab_size: int
     max_context: int
     extra: dict[str, Any] = field(default_factory=dict)
+    remote: str | None = None
+    """The NDIF host that runs this model's traces (`load_model(..., remote=True)`), or None: traced here."""
     lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
     """Held by every toolkit trace or generation on this model (toolkit.tracing.guard): concurrent calls from
     several threads run one after another."""
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf.parameters()).device
+        """Where inputs go: the weights' device, or the CPU for a remote model (its weights stay on the service)."""
+        return torch.device("cpu") if self.remote else next(self.hf.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -214,7 +217,7 @@ def _load_folder(folder: Path, dev: torch.device, dt: torch.dtype, low_memory: b
 
 def load_model(name_or_path: str = "default", device: str | torch.device | None = None,
                dtype: torch.dtype | str | None = None, *, progress: bool = True,
-               low_memory: bool | None = None) -> Model:
+               low_memory: bool | None = None, remote: bool | str = False) -> Model:
     """Load "default" (the embedded Gemma 3 270M), a Hugging Face id, or a local folder.
 
     The default model is converted once into the user cache (see `toolkit.paths.cache_dir`) and checked against
@@ -223,8 +226,13 @@ def load_model(name_or_path: str = "default", device: str | torch.device | None 
     On CPU in fp32 from a bf16 checkpoint, `low_memory` keeps the tied embedding in bf16 (frozen, shared with
     identical models; see `toolkit.lowmem`): same results, 40 % less memory, but generation is several times
     slower (the unembedding casts its rows on every call). Off by default; `TOOLKIT_LOW_MEMORY=1` (Binder sets it)
-    turns it on where `low_memory` is not given.
+    turns it on where `low_memory` is not given. `remote=True` (or an NDIF host URL) leaves the weights on the
+    NDIF service and runs every toolkit trace there (toolkit.remote; needs NDIF_API_KEY and the network).
     """
+    if remote:
+        from toolkit.remote import load_remote
+
+        return load_remote(name_or_path, remote)
     if low_memory is None:
         low_memory = os.environ.get("TOOLKIT_LOW_MEMORY", "0") == "1"
     dev = resolve_device(device, default="cuda" if torch.cuda.is_available() else "cpu")

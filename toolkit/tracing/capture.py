@@ -110,6 +110,12 @@ def to_batch(model: Model, inputs: Inputs, *, truncate: bool = False, padding_si
 def trace_batch(model: Model, batch: Mapping[str, torch.Tensor], sites: list[Site], *,
                 stop_early: bool = True, to_cpu: bool = True) -> dict[str, torch.Tensor]:
     """One forward over `batch` returning {site name: activation}; sites must be sorted (see resolve_sites)."""
+    if model.remote:  # on NDIF (toolkit.tracing.remote)
+        from toolkit.tracing.remote import remote_forward, steps_for
+
+        acts, _ = remote_forward(model, dict(batch), steps_for(model, [(s, "read", None) for s in sites]),
+                                 batch["input_ids"] == model.bos_token_id, logits=not stop_early)
+        return {s.name: a.detach().cpu() if to_cpu else a.detach() for s, a in zip(sites, acts, strict=True)}
     saved = {}
     with exclusive(model, "capture"), torch.no_grad(), model.nn.trace(dict(batch)) as tracer:
         for s in sites:

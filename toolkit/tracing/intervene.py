@@ -205,6 +205,11 @@ def run_with_edits(model: Model, inputs: Inputs, edits: Sequence[Edit] = (), *,
                    key=lambda x: (x[0].order, x[1] == "read"))
     saved = {}
     bos_mask = batch["input_ids"] == model.bos_token_id
+    if model.remote:  # on NDIF (toolkit.tracing.remote); gradients stay on the service
+        from toolkit.tracing.remote import remote_forward, steps_for
+
+        acts, logits = remote_forward(model, batch, steps_for(model, steps), bos_mask)
+        return logits, {s.name: a for (s, kind, _), a in zip([x for x in steps if x[1] == "read"], acts, strict=True)}
     with exclusive(model, "run_with_edits"), torch.set_grad_enabled(grad), model.nn.trace(batch):
         for s, kind, es in steps:
             if kind == "edit":
@@ -242,6 +247,11 @@ def generate(model: Model, prompts: str | Sequence[str], edits: Sequence[Edit] =
     check_positions(edits, batch["input_ids"].shape[1])
     bos_mask = batch["input_ids"] == model.bos_token_id
     kwargs = generation_kwargs(model, max_new_tokens, do_sample, temperature)
+    if model.remote:  # on NDIF (toolkit.tracing.remote); sampling uses the service's RNG
+        from toolkit.tracing.remote import remote_generate, steps_for
+
+        out = remote_generate(model, batch, steps_for(model, [(s, "edit", es) for s, es in plan]), bos_mask, kwargs)
+        return model.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     with exclusive(model, "generate"), \
             torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
         if seed is not None:

@@ -23,7 +23,7 @@ from nnsight.schema.request import RequestModel
 from nnsight.schema.response import ResponseModel, Status
 from nnsight.tracing.tracer import _saves
 
-from toolkit.errors import RemoteUnavailableError
+from toolkit.errors import ArgumentError, RemoteUnavailableError
 from toolkit.models import load_model, tiny_gemma2
 from toolkit.remote import remote_view
 from toolkit.tracing import Add, capture, generate, run_with_edits
@@ -170,6 +170,8 @@ def test_service_errors_say_what_failed(monkeypatch, key, no_network):
     monkeypatch.setattr(websocket, "create_connection", unreachable)
     with pytest.raises(RemoteUnavailableError, match="ConnectionRefusedError.*Check the network"):
         capture(remote, PROMPT, ["blocks.0.resid_post"])
+    with pytest.raises(ArgumentError, match="grad=True needs .* here"):
+        run_with_edits(remote, PROMPT, grad=True)
 
 
 def test_no_key_or_no_network_is_refused_before_sending(monkeypatch, no_network):

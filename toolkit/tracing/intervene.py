@@ -205,8 +205,12 @@ def run_with_edits(model: Model, inputs: Inputs, edits: Sequence[Edit] = (), *,
                    key=lambda x: (x[0].order, x[1] == "read"))
     saved = {}
     bos_mask = batch["input_ids"] == model.bos_token_id
-    if model.remote:  # on NDIF (toolkit.tracing.remote); gradients stay on the service
+    if model.remote:  # on NDIF (toolkit.tracing.remote)
         from toolkit.tracing.remote import remote_forward, steps_for
+
+        if grad:
+            raise ArgumentError(f"grad=True needs {model.name} here: NDIF returns saved values, not a graph to "
+                                "backpropagate through; load the model locally for gradients")
 
         acts, logits = remote_forward(model, batch, steps_for(model, steps), bos_mask)
         return logits, {s.name: a for (s, kind, _), a in zip([x for x in steps if x[1] == "read"], acts, strict=True)}

@@ -1,0 +1,132 @@
+"""Training throughput at scale, measured side by side in one run: 1 vs 2 data-parallel processes (gloo, CPU), and
+the activation cache's read rate vs the trainer's consumption rate (is disk or compute the bottleneck?).
+
+Activations are synthetic (sparse mixtures of random directions plus noise, width 640 like the default model's
+residual stream), written once to an activation cache in a temp folder: the figures are about the machinery
+(cache reads, the training step, the gradient all-reduce), which does not depend on where activations came from.
+Every process uses one thread, so "2 processes" uses the two cores this machine has; "1 process, 2 threads" shows
+what intra-op threading gets from the same cores. Tokens/s counts training tokens after the first `--warmup`
+steps (initialization and the first steps excluded) on rank 0's clock.
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/train_scale.py             # ~2 min on 2 cores
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/train_scale.py --quick     # smoke run
+
+On a GPU machine: `torchrun --nproc-per-node N -m toolkit train job.toml` is the same code with nccl; the kernel
+figures (Triton fused encode vs cuBLAS, sparse vs dense decode) are benchmarks/sae_kernels.py's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from toolkit.config import CacheConfig, SAEConfig, TrainConfig
+from toolkit.tracing import ActivationCache
+from toolkit.training import train_sae
+
+SITE = "blocks.6.resid_post"
+
+
+def make_cache(folder: Path, rows: int, d: int, shard_rows: int = 4096) -> ActivationCache:
+    """A cache of `rows` synthetic activations (float32) at SITE, in shards of `shard_rows`."""
+    n_shards = rows // shard_rows
+    cfg = CacheConfig(model="synthetic", sites=(SITE,), d=(d,), ctx_len=shard_rows // 64 + 1,
+                      n_contexts=64 * n_shards, fingerprint="0" * 64, shard_contexts=64)
+    cache = ActivationCache.create(folder, cfg)
+    g = torch.Generator().manual_seed(0)
+    dirs = torch.randn(512, d, generator=g) / d ** 0.5 * 8
+    for i in range(n_shards):
+        codes = torch.rand(shard_rows, 512, generator=g) * (torch.rand(shard_rows, 512, generator=g) < 0.05)
+        cache.write_shard(i, {SITE: codes @ dirs + 0.1 * torch.randn(shard_rows, d, generator=g)},
+                          torch.arange(shard_rows))
+    cache.close()
+    return ActivationCache.open(folder)
+
+
+def read_rate(folder: Path, batch: int) -> float:
+    """Rows per second of one shuffled pass over the cache, as the trainer reads it (one thread)."""
+    cache = ActivationCache.open(folder, verify=False)
+    t0, rows = time.perf_counter(), 0
+    for x in cache.iter_batches(batch, shuffle=True, seed=1):
+        rows += x.shape[0]
+    return rows / (time.perf_counter() - t0)
+
+
+def config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(SAEConfig(args.d, args.width, "topk", k=32, site=SITE), batch_size=args.batch,
+                       total_steps=args.steps, lr=1e-3, log_every=args.steps)
+
+
+def _train(rank: int, world: int, store: str, folder: str, args: argparse.Namespace, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(args.threads)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    stamps: list[float] = []
+    train_sae(config(args), folder, progress=False, callback=lambda step, m: stamps.append(time.perf_counter()))
+    if rank == 0:
+        w = args.warmup
+        tokens = (len(stamps) - 1 - w) * args.batch
+        Path(out).write_text(json.dumps({"tokens_per_s": tokens / (stamps[-1] - stamps[w]), "steps": len(stamps)}))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def train_rate(folder: Path, args: argparse.Namespace, world: int, threads: int, tmp: Path) -> float:
+    """Training tokens/s with `world` processes of `threads` threads each."""
+    args = argparse.Namespace(**{**vars(args), "threads": threads})
+    out, store = tmp / f"rate-{world}-{threads}.json", tmp / f"store-{world}-{threads}"
+    if world == 1:
+        _train(0, 1, str(store), str(folder), args, str(out))
+    else:
+        mp.start_processes(_train, args=(world, str(store), str(folder), args, str(out)), nprocs=world,
+                           start_method="spawn")
+    return json.loads(out.read_text())["tokens_per_s"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=65_536, help="rows in the synthetic cache")
+    p.add_argument("--d", type=int, default=640)
+    p.add_argument("--width", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=1024, help="global batch")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="smoke run: small cache, width 1024, 12 steps")
+    args = p.parse_args()
+    if args.quick:
+        args.rows, args.width, args.steps, args.warmup = 16_384, 1024, 12, 3
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    with tempfile.TemporaryDirectory(prefix="train-scale-") as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        make_cache(tmp / "cache", args.rows, args.d)
+        print(f"synthetic cache: {args.rows:,} rows x {args.d} float32 "
+              f"({args.rows * args.d * 4 / 1e6:.0f} MB), written in {time.perf_counter() - t0:.1f} s")
+        reads = [read_rate(tmp / "cache", args.batch) for _ in range(2)]
+        print(f"SAE topk d_in={args.d} width={args.width} k=32, global batch {args.batch}, {args.steps} steps "
+              f"(tokens/s after {args.warmup} warm-up steps)")
+        rates = {(1, 1): train_rate(tmp / "cache", args, 1, 1, tmp),
+                 (2, 1): train_rate(tmp / "cache", args, 2, 1, tmp),
+                 (1, 2): train_rate(tmp / "cache", args, 1, 2, tmp)}
+    base = rates[(1, 1)]
+    print(f"{'setup':<28}{'tokens/s':>12}{'vs 1 process':>14}")
+    for (world, threads), r in rates.items():
+        label = f"{world} process{'es' if world > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}"
+        print(f"{label:<28}{r:>12,.0f}{r / base:>13.2f}x")
+    print(f"cache read rate (one thread, shuffled; 1st pass {reads[0]:,.0f}, 2nd pass {reads[1]:,.0f} rows/s): "
+          f"{min(reads) / max(rates.values()):.1f}x the fastest trainer's consumption -> "
+          f"{'compute' if min(reads) > max(rates.values()) else 'disk'} is the bottleneck here")
+
+
+if __name__ == "__main__":
+    main()

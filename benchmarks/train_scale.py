@@ -68,20 +68,45 @@ def _train(rank: int, world: int, store: str, folder: str, args: argparse.Namesp
     import torch.distributed as dist
 
     torch.set_num_threads(args.threads)
+    waited = [0.0]
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+        _time_collectives(dist, waited)
     stamps: list[float] = []
-    train_sae(config(args), folder, progress=False, callback=lambda step, m: stamps.append(time.perf_counter()))
+    marks: list[float] = []
+
+    def tick(step: int, _m: dict) -> None:
+        stamps.append(time.perf_counter())
+        marks.append(waited[0])
+
+    train_sae(config(args), folder, progress=False, callback=tick)
     if rank == 0:
         w = args.warmup
         tokens = (len(stamps) - 1 - w) * args.batch
-        Path(out).write_text(json.dumps({"tokens_per_s": tokens / (stamps[-1] - stamps[w]), "steps": len(stamps)}))
+        span = stamps[-1] - stamps[w]
+        Path(out).write_text(json.dumps({"tokens_per_s": tokens / span, "steps": len(stamps),
+                                         "collective_share": (marks[-1] - marks[w]) / span}))
     if world > 1:
         dist.destroy_process_group()
 
 
-def train_rate(folder: Path, args: argparse.Namespace, world: int, threads: int, tmp: Path) -> float:
-    """Training tokens/s with `world` processes of `threads` threads each."""
+def _time_collectives(dist, waited: list[float]) -> None:
+    """Add the wall time spent inside torch.distributed collectives (waiting for the other rank included)."""
+    for name in ("all_reduce", "all_gather", "broadcast_object_list", "barrier"):
+        fn = getattr(dist, name)
+
+        def timed(*a, _fn=fn, **kw):
+            t = time.perf_counter()
+            try:
+                return _fn(*a, **kw)
+            finally:
+                waited[0] += time.perf_counter() - t
+
+        setattr(dist, name, timed)
+
+
+def train_rate(folder: Path, args: argparse.Namespace, world: int, threads: int, tmp: Path) -> dict:
+    """Training tokens/s (and the share of rank 0's time in collectives) with `world` processes of `threads`."""
     args = argparse.Namespace(**{**vars(args), "threads": threads})
     out, store = tmp / f"rate-{world}-{threads}.json", tmp / f"store-{world}-{threads}"
     if world == 1:
@@ -89,7 +114,7 @@ def train_rate(folder: Path, args: argparse.Namespace, world: int, threads: int,
     else:
         mp.start_processes(_train, args=(world, str(store), str(folder), args, str(out)), nprocs=world,
                            start_method="spawn")
-    return json.loads(out.read_text())["tokens_per_s"]
+    return json.loads(out.read_text())
 
 
 def main() -> None:
@@ -118,14 +143,17 @@ def main() -> None:
         rates = {(1, 1): train_rate(tmp / "cache", args, 1, 1, tmp),
                  (2, 1): train_rate(tmp / "cache", args, 2, 1, tmp),
                  (1, 2): train_rate(tmp / "cache", args, 1, 2, tmp)}
-    base = rates[(1, 1)]
-    print(f"{'setup':<28}{'tokens/s':>12}{'vs 1 process':>14}")
+    base = rates[(1, 1)]["tokens_per_s"]
+    print(f"{'setup':<28}{'tokens/s':>12}{'vs 1 process':>14}{'in collectives':>16}")
     for (world, threads), r in rates.items():
         label = f"{world} process{'es' if world > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}"
-        print(f"{label:<28}{r:>12,.0f}{r / base:>13.2f}x")
+        print(f"{label:<28}{r['tokens_per_s']:>12,.0f}{r['tokens_per_s'] / base:>13.2f}x"
+              f"{r['collective_share']:>15.0%}")
+    fastest = max(r["tokens_per_s"] for r in rates.values())
     print(f"cache read rate (one thread, shuffled; 1st pass {reads[0]:,.0f}, 2nd pass {reads[1]:,.0f} rows/s): "
-          f"{min(reads) / max(rates.values()):.1f}x the fastest trainer's consumption -> "
-          f"{'compute' if min(reads) > max(rates.values()) else 'disk'} is the bottleneck here")
+          f"{min(reads) / fastest:.1f}x the fastest trainer's consumption -> "
+          f"{'compute' if min(reads) > fastest else 'disk'} is the bottleneck here")
+    print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":

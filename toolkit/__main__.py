@@ -97,7 +97,11 @@ def _train(args: argparse.Namespace) -> int:
     from toolkit.training.distributed import is_main
 
     job = read_job(args.config)
-    res = run_job(job, progress=not args.no_progress)
+    try:
+        res = run_job(job, progress=not args.no_progress)
+    except ValueError as e:  # a config that does not fit its data (widths, model names, sites): say which
+        print(f"python -m toolkit train: {args.config}: {e}", file=sys.stderr)
+        return 2
     if is_main():
         last = res.history[-1] if res.history else {}
         print(f"trained {job.kind}: {res.steps} steps, {res.tokens:,} tokens, {res.tokens_per_s:,.0f} tokens/s; "

@@ -26,9 +26,10 @@ SITE, D = "blocks.0.resid_post", 16
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def synthetic_cache(folder: Path, *, shards: int = 4, rows: int = 64, seed: int = 0) -> ActivationCache:
+def synthetic_cache(folder: Path, *, shards: int = 4, rows: int = 64, seed: int = 0,
+                    model: str = "synthetic") -> ActivationCache:
     """An activation cache of sparse synthetic rows (no model): `shards` shards of `rows` rows at SITE."""
-    cfg = CacheConfig(model="synthetic", sites=(SITE,), d=(D,), ctx_len=rows // 8 + 1, n_contexts=8 * shards,
+    cfg = CacheConfig(model=model, sites=(SITE,), d=(D,), ctx_len=rows // 8 + 1, n_contexts=8 * shards,
                       fingerprint="0" * 64, shard_contexts=8)
     cache = ActivationCache.create(folder, cfg)
     g = torch.Generator().manual_seed(seed)
@@ -95,6 +96,26 @@ def test_torchrun_two_processes_train_the_same_sae(job_dir):
     one, two = _sae(job_dir / "run-one" / "sae"), _sae(job_dir / "run-two" / "sae")
     for k, v in one.state_dict().items():
         torch.testing.assert_close(two.state_dict()[k], v, rtol=1e-9, atol=1e-12, msg=k)
+
+
+CC_JOB = {
+    "kind": "crosscoder", "data": ["base", "ft"], "out_dir": "cc",
+    "crosscoder": {"d_in": 16, "d_sae": 32, "k": 4, "models": ["base-model", "ft-model"], "site": SITE},
+    "train": {"batch_size": 32, "total_steps": 6, "lr": 0.003},
+}
+
+
+def test_train_command_trains_a_crosscoder_from_two_caches(tmp_path, capsys):
+    synthetic_cache(tmp_path / "base", model="base-model")
+    synthetic_cache(tmp_path / "ft", model="ft-model", seed=1)
+    (tmp_path / "cc.json").write_text(json.dumps(CC_JOB))
+    assert main(["train", str(tmp_path / "cc.json"), "--no-progress"]) == 0
+    assert "trained crosscoder: 6 steps, 192 tokens" in capsys.readouterr().out
+    assert (tmp_path / "cc" / "crosscoder").is_dir()
+    wrong = {**CC_JOB, "crosscoder": {**CC_JOB["crosscoder"], "models": ["other", "ft-model"]}, "out_dir": "cc2"}
+    (tmp_path / "wrong.json").write_text(json.dumps(wrong))
+    assert main(["train", str(tmp_path / "wrong.json"), "--no-progress"]) == 2
+    assert "base-model" in capsys.readouterr().err
 
 
 def test_bad_configs_name_the_key(tmp_path, capsys):

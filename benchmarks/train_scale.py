@@ -11,8 +11,9 @@ steps (initialization and the first steps excluded) on rank 0's clock.
     PYTHONPATH=$PWD .venv/bin/python benchmarks/train_scale.py             # ~2 min on 2 cores
     PYTHONPATH=$PWD .venv/bin/python benchmarks/train_scale.py --quick     # smoke run
 
-On a GPU machine: `torchrun --nproc-per-node N -m toolkit train job.toml` is the same code with nccl; the kernel
-figures (Triton fused encode vs cuBLAS, sparse vs dense decode) are benchmarks/sae_kernels.py's.
+Where CUDA is present it also prints training tokens/s at Gemma-2-2B width 16k (TopK, BatchTopK) from batches
+already on the GPU; `torchrun --nproc-per-node N -m toolkit train job.toml` is the same training code with nccl.
+The GPU kernel figures (Triton fused encode vs cuBLAS, sparse vs dense decode) are benchmarks/sae_kernels.py's.
 """
 
 from __future__ import annotations
@@ -117,6 +118,31 @@ def train_rate(folder: Path, args: argparse.Namespace, world: int, threads: int,
     return json.loads(out.read_text())
 
 
+def gpu_rates(steps: int = 60, warmup: int = 10) -> dict[str, float]:
+    """Training tokens/s on CUDA at Gemma-2-2B's width (d_in 2304, 16k latents, batch 4096), from batches already
+    on the GPU (a pool of 8, cycled), per architecture; {} without CUDA."""
+    if not torch.cuda.is_available():
+        return {}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dirs = torch.randn(1024, 2304, device="cuda", generator=g) / 2304 ** 0.5 * 8
+    pool = [(torch.rand(4096, 1024, device="cuda", generator=g) < 0.03).float() @ dirs for _ in range(8)]
+
+    def source(start: int):
+        i = start
+        while True:
+            yield pool[i % len(pool)]
+            i += 1
+
+    out = {}
+    for arch in ("topk", "batchtopk"):
+        cfg = TrainConfig(SAEConfig(2304, 16384, arch, k=64), batch_size=4096, total_steps=steps, lr=1e-4,
+                          device="cuda", log_every=steps)
+        stamps: list[float] = []
+        train_sae(cfg, source, progress=False, callback=lambda step, m, s=stamps: s.append(time.perf_counter()))
+        out[arch] = (len(stamps) - 1 - warmup) * 4096 / (stamps[-1] - stamps[warmup])
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=65_536, help="rows in the synthetic cache")
@@ -154,6 +180,8 @@ def main() -> None:
           f"{min(reads) / fastest:.1f}x the fastest trainer's consumption -> "
           f"{'compute' if min(reads) > fastest else 'disk'} is the bottleneck here")
     print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    for arch, r in gpu_rates().items():  # only where CUDA is present
+        print(f"CUDA {torch.cuda.get_device_name()}: {arch} SAE d_in 2304 x 16,384, batch 4096: {r:,.0f} tokens/s")
 
 
 if __name__ == "__main__":

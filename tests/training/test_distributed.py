@@ -51,6 +51,15 @@ def batches(start: int):
         i += 1
 
 
+def batches_with_nan(start: int):
+    """As `batches`, but batch 2 has a NaN in its last row: only rank 1's slice sees it."""
+    for i, x in enumerate(batches(start), start):
+        if i == 2:
+            x = x.clone()
+            x[-1, 0] = torch.nan
+        yield x
+
+
 def paired() -> torch.Tensor:
     g = torch.Generator().manual_seed(7)
     base = torch.randn(40 * BATCH // 4, D, generator=g, dtype=torch.float64).relu() * 2
@@ -67,6 +76,8 @@ def train_all(root: Path, *, resume: bool = False, kill_at: int | None = None) -
     cb = stop if kill_at is not None else None
     for arch in ARCHS:
         train_sae(sae_config(arch), batches, out_dir=root / arch, resume=resume, progress=False, callback=cb)
+    train_sae(sae_config("batchtopk"), batches_with_nan, out_dir=root / "nan", resume=resume, progress=False,
+              callback=cb)
     train_crosscoder(CC, paired(), CC_TRAIN, out_dir=root / "crosscoder", resume=resume, progress=False,
                      callback=cb)
 
@@ -112,7 +123,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return {"single": single, "two": two, "killed": killed, "tmp": tmp}
 
 
-CASES = (*ARCHS, "crosscoder")
+CASES = (*ARCHS, "nan", "crosscoder")
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="spawned gloo processes are exercised on Linux CI")
@@ -126,11 +137,19 @@ def test_two_processes_equal_one_process_over_the_same_global_batches(runs, case
     ck_one = load_checkpoint(latest_checkpoint(runs["single"] / case)).state
     ck_two = load_checkpoint(latest_checkpoint(runs["two"] / case)).state
     assert ck_two["tokens"] == ck_one["tokens"] == STEPS * BATCH and ck_two["position"] == ck_one["position"]
+    assert ck_two["skipped"] == ck_one["skipped"]
     for h1, h2 in zip(ck_one["history"], ck_two["history"], strict=True):
         assert h2 == pytest.approx(h1, rel=1e-9, abs=1e-12)
     # the dead-latent counters (global tokens) made AuxK engage, so its global-variance normalization was tested
     assert case == "jumprelu" or any(h["aux"] > 0 for h in ck_two["history"])
-    assert len(ck_two["history"]) == STEPS
+    assert len(ck_two["history"]) == STEPS, ck_two["history"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="spawned gloo processes are exercised on Linux CI")
+def test_a_non_finite_slice_skips_the_step_on_every_rank(runs):
+    one = load_checkpoint(latest_checkpoint(runs["single"] / "nan")).state
+    two = load_checkpoint(latest_checkpoint(runs["two"] / "nan")).state
+    assert one["skipped"] == two["skipped"] == 1 and two["step"] == STEPS and two["position"] == STEPS + 1
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="spawned gloo processes are exercised on Linux CI")

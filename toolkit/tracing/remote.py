@@ -51,15 +51,24 @@ def remote_errors(model: Model) -> Iterator[None]:
         yield
     except ToolkitError:
         raise
-    except Exception as e:  # noqa: BLE001 - nnsight's RemoteError, httpx/websocket/socket errors all end here
-        kind = type(e).__name__
-        if kind not in ("RemoteError", "ConnectionError", "ConnectError", "WebSocketException", "gaierror",
-                        "ConnectionRefusedError", "TimeoutError", "WebSocketBadStatusException", "OSError",
-                        "HTTPError", "HfHubHTTPError"):
-            raise
+    except _transport_errors() as e:
         raise RemoteUnavailableError(
-            f"the remote trace of {model.name!r} on NDIF ({model.remote}) failed: {kind}: {e}. Check the network "
-            f"and NDIF_API_KEY, and that the service hosts this model now ({STATUS_PAGE})") from e
+            f"the remote trace of {model.name!r} on NDIF ({model.remote}) failed: {type(e).__name__}: {e}. Check the "
+            f"network and NDIF_API_KEY, and that the service hosts this model now ({STATUS_PAGE})") from e
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """What nnsight's remote path raises when the service or the way to it fails (its RemoteError, sockets, HTTP)."""
+    from nnsight.intervention.backends.remote import RemoteError
+
+    found: list[type[BaseException]] = [RemoteError, OSError]  # OSError: refused, unreachable, DNS, timeouts
+    for module, name in (("httpx", "HTTPError"), ("websocket", "WebSocketException"),
+                         ("huggingface_hub.errors", "HfHubHTTPError")):
+        try:
+            found.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
 
 
 def remote_forward(model: Model, batch: dict[str, torch.Tensor], steps: list[Step], bos_mask: torch.Tensor,

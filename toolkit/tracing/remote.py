@@ -38,15 +38,15 @@ def steps_for(model: Model, plan: Sequence[tuple[Site, str, Sequence[Any] | None
 @contextlib.contextmanager
 def remote_errors(model: Model) -> Iterator[None]:
     """Run a remote trace, turning transport and service failures into RemoteUnavailableError."""
+    import cloudpickle  # nnsight's serializer
+
     from toolkit.remote import STATUS_PAGE, check_remote_ready
 
     check_remote_ready(model.remote or True, probe=False)
-    try:
-        import cloudpickle
-
-        cloudpickle.register_pickle_by_value(toolkit)  # edits run on the service without the toolkit installed
-    except (ImportError, ValueError):
-        pass
+    # edits run on the service without the toolkit installed; only while this request is serialized
+    by_value = toolkit.__name__ not in cloudpickle.list_registry_pickle_by_value()
+    if by_value:
+        cloudpickle.register_pickle_by_value(toolkit)
     try:
         yield
     except ToolkitError:
@@ -55,6 +55,9 @@ def remote_errors(model: Model) -> Iterator[None]:
         raise RemoteUnavailableError(
             f"the remote trace of {model.name!r} on NDIF ({model.remote}) failed: {type(e).__name__}: {e}. Check the "
             f"network and NDIF_API_KEY, and that the service hosts this model now ({STATUS_PAGE})") from e
+    finally:
+        if by_value:
+            cloudpickle.unregister_pickle_by_value(toolkit)
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:

@@ -153,6 +153,9 @@ def test_request_at_the_network_boundary(monkeypatch, key, no_network):
     # the answer lands where the local path puts it, with the same values; generation goes the same way
     assert generate(remote, PROMPT, edits, max_new_tokens=3) == generate(local, PROMPT, edits, max_new_tokens=3)
     assert len(ndif.posts) == 2 and ndif.request["steps"][0][2][0].positions == [1, 2]
+    import cloudpickle
+
+    assert "toolkit" not in cloudpickle.list_registry_pickle_by_value()  # by value only while a request is made
     want_logits, want_acts = run_with_edits(local, PROMPT, edits, capture=["blocks.1.resid_post"])
     torch.testing.assert_close(logits, want_logits)
     torch.testing.assert_close(acts["blocks.1.resid_post"], want_acts["blocks.1.resid_post"])

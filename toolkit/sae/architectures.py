@@ -51,11 +51,12 @@ class Architecture:
 
     def encode(self, sae: SAE, x: torch.Tensor, k: Budget = None) -> torch.Tensor:
         """Codes from prepared inputs `x` (N, d_in); equal to `activate(sae, pre_activations(sae, x), k)`."""
-        return self.activate(sae, pre_activations(sae, x), k)
+        pre = pre_activations(sae, x)
+        return self.activate(sae, pre) if k is None else self.activate(sae, pre, k)  # user archs may not take k
 
     def encode_sparse(self, sae: SAE, x: torch.Tensor, k: Budget = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices, values), each (N, kmax), of the nonzero codes; padding is index 0 with value 0."""
-        return kernels.to_sparse(self.encode(sae, x, k))
+        return kernels.to_sparse(self.encode(sae, x) if k is None else self.encode(sae, x, k))
 
     def default_budget(self, sae: SAE, x: torch.Tensor) -> Budget:
         """The budget used when encode is given none (prepared inputs x): cfg.k for the top-k family."""

@@ -194,7 +194,7 @@ class SAE(Dictionary):
         """Dense codes (..., d_sae) of activations x (..., d_in). `k` (top-k family): active latents per token,
         an int in 1..cfg.k or an integer tensor of x's leading shape (default: cfg.k, adaptivek's probe, or with_k)."""
         xin, lead = self._prepare(x)
-        return self.arch.encode(self, xin, self._budget(xin, k, lead)).reshape(*lead, self.d_sae)
+        return _with_budget(self.arch.encode, self, xin, self._budget(xin, k, lead)).reshape(*lead, self.d_sae)
 
     def decode(self, codes: torch.Tensor, *, width: int | None = None) -> torch.Tensor:
         """Reconstruction (..., d_in) of dense codes (..., d_sae); `width` keeps only the first latents
@@ -212,7 +212,7 @@ class SAE(Dictionary):
         """Encode then decode; see SAEOutput (and encode for `k`)."""
         xin, lead = self._prepare(x)
         pre = pre_activations(self, xin)
-        codes = self.arch.activate(self, pre, self._budget(xin, k, lead))
+        codes = _with_budget(self.arch.activate, self, pre, self._budget(xin, k, lead))
         recon = kernels.decode_dense(codes, self.W_dec, self.b_dec) / self.input_scale
         return SAEOutput(recon.reshape(*lead, self.d_in), codes.reshape(*lead, self.d_sae),
                          pre.reshape(*lead, self.d_sae))
@@ -222,7 +222,7 @@ class SAE(Dictionary):
 
         An empty batch (no rows) gives empty SparseCodes of shape (..., kmax) (kmax = k for TopK, else 1)."""
         xin, lead = self._prepare(x)
-        indices, values = self.arch.encode_sparse(self, xin, self._budget(xin, k, lead))
+        indices, values = _with_budget(self.arch.encode_sparse, self, xin, self._budget(xin, k, lead))
         kmax = indices.shape[-1]  # explicit: reshape(..., -1) is ambiguous for 0 rows
         return SparseCodes(indices.reshape(*lead, kmax), values.reshape(*lead, kmax))
 
@@ -379,6 +379,12 @@ class SAE(Dictionary):
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
         return x, lead
+
+
+def _with_budget(method: Any, sae: SAE, t: torch.Tensor, k: Budget) -> Any:
+    """Call an architecture's method, passing k only when there is one (architectures registered by users before
+    budgets existed define activate(sae, pre))."""
+    return method(sae, t) if k is None else method(sae, t, k)
 
 
 def same_model_name(recorded: str, used: str) -> bool:

@@ -75,11 +75,14 @@ def fvu(sae: SAE, x: torch.Tensor, k: int | None = None) -> float:
 # ---------------------------------------------------------------- objectives
 
 
-def test_prefix_errors_equal_explicit_partial_sums():
+@pytest.mark.parametrize("dense_gram", [True, False])
+def test_prefix_errors_equal_explicit_partial_sums(dense_gram):
     g = torch.Generator().manual_seed(0)
-    r, v, rows = torch.randn(5, 7, generator=g), torch.rand(5, 4, generator=g), torch.randn(5, 4, 7, generator=g)
+    r, v, W = torch.randn(5, 7, generator=g), torch.rand(5, 4, generator=g), torch.randn(11, 7, generator=g)
+    idx = torch.rand(5, 11, generator=g).argsort(1)[:, :4]
+    rows = W[idx]
     direct = torch.stack([(r - (v[:, :j, None] * rows[:, :j]).sum(1)).pow(2).sum(-1) for j in range(1, 5)], 1)
-    torch.testing.assert_close(prefix_errors(r, v, rows), direct, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(prefix_errors(r, v, idx, W, dense_gram=dense_gram), direct, rtol=1e-5, atol=1e-5)
 
 
 def _dense_reference(sae: SAE, x: torch.Tensor, keep: torch.Tensor, dead: torch.Tensor):

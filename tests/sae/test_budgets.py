@@ -91,7 +91,7 @@ def test_adaptivek_k_follows_the_probe():
     direction = torch.randn(D)
     sae.set_probe(direction / direction.norm() * 0.2, 0.5)
     x = torch.randn(200, D)
-    s = sae.complexity(x)
+    s = sae.complexity(x).detach()
     k = sae.budget(x)
     assert s.shape == k.shape == (200,) and float(s.min()) >= 0 and float(s.max()) <= 1
     assert torch.equal(k, budget_from_complexity(s, 2, K))

@@ -108,9 +108,11 @@ def test_registry_refuses_duplicates_and_agrees_with_config():
 
     with pytest.raises(ValueError, match="'topk' is already registered"):
         register(Again())
-    assert list(ARCHITECTURES) == list(SAE_ARCHITECTURES) == ["jumprelu", "relu", "topk", "batchtopk", "matryoshka"]
+    assert list(ARCHITECTURES) == list(SAE_ARCHITECTURES) == ["jumprelu", "relu", "topk", "batchtopk", "matryoshka",
+                                                              "hierarchical_topk", "adaptivek"]
     for name, arch in ARCHITECTURES.items():
-        assert SAE_ARCHITECTURES[name] == ("k",) * arch.needs_k + ("matryoshka_groups",) * arch.has_groups
+        assert SAE_ARCHITECTURES[name] == (("k",) * arch.needs_k + ("matryoshka_groups",) * arch.has_groups
+                                           + arch.extra_fields)
 
     class Squared(Architecture):
         name, needs_k = "squared_topk", True

@@ -21,6 +21,8 @@ SAE_ARCHITECTURES: dict[str, tuple[str, ...]] = {
     "topk": ("k",),
     "batchtopk": ("k",),
     "matryoshka": ("k", "matryoshka_groups"),
+    "hierarchical_topk": ("k",),
+    "adaptivek": ("k", "k_min"),
 }
 """SAE architecture names and the optional SAEConfig fields each one requires (the others must stay None).
 toolkit.sae.architectures holds their behaviour and adds the names of architectures registered later."""
@@ -39,16 +41,20 @@ class SAEConfig(DictConfig):
     """Number of latents (features)."""
 
     architecture: str
-    """How pre-activations become codes: 'jumprelu', 'relu', 'topk', 'batchtopk' or 'matryoshka'
-    (see SAE_ARCHITECTURES and toolkit.sae.architectures)."""
+    """How pre-activations become codes: 'jumprelu', 'relu', 'topk', 'batchtopk', 'matryoshka',
+    'hierarchical_topk' or 'adaptivek' (see SAE_ARCHITECTURES and toolkit.sae.architectures)."""
 
     k: int | None = None
     """Active latents per token. Required by 'topk' (exactly k per token), 'batchtopk' and 'matryoshka'
-    (k * n_tokens over a training batch; also their inference fallback before the threshold is estimated)."""
+    (k * n_tokens over a training batch; also their inference fallback before the threshold is estimated),
+    'hierarchical_topk' (the largest budget K; any k <= K works at inference) and 'adaptivek' (k_max)."""
 
     matryoshka_groups: tuple[int, ...] | None = None
     """'matryoshka' only: nested prefix widths, strictly increasing and ending at d_sae, e.g. (128, 512, 2048).
     The first w latents alone form a smaller SAE for each w listed."""
+
+    k_min: int | None = None
+    """'adaptivek' only: the smallest k a token gets (its least complex inputs); 1 <= k_min <= k."""
 
     dtype: str = "float32"
     """Parameter dtype name: 'float32', 'bfloat16', 'float16' or 'float64'."""
@@ -78,6 +84,14 @@ class SAEConfig(DictConfig):
                 raise ValueError(f"k={self.k} is larger than d_sae={self.d_sae}")
         elif self.k is not None:
             raise ValueError(f"k is only used by top-k architectures; {self.architecture!r} takes k=None")
+        if "k_min" in required:
+            if self.k_min is None:
+                raise ValueError(f"architecture {self.architecture!r} needs k_min (the smallest k per input)")
+            positive_int("k_min", self.k_min)
+            if self.k_min > self.k:
+                raise ValueError(f"k_min={self.k_min} is larger than k={self.k} (k is the largest k per input)")
+        elif self.k_min is not None:
+            raise ValueError(f"k_min is only used by 'adaptivek', not {self.architecture!r}")
         if "matryoshka_groups" in required:
             groups = self.matryoshka_groups
             if groups is None or len(groups) == 0:

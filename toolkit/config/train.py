@@ -7,21 +7,40 @@ from dataclasses import dataclass
 from typing import Any
 
 from toolkit.config._checks import reject_unknown_keys
-from toolkit.config.optimization import Optimization, flag, non_negative, one_of, positive
+from toolkit.config.optimization import Optimization, flag, fraction, non_negative, one_of, positive
 from toolkit.config.sae import SAEConfig
+
+
+def _positives(name: str, v: Any) -> None:
+    if not isinstance(v, (tuple, list)) or not v:
+        raise ValueError(f"{name} must be a non-empty tuple of numbers > 0, got {v!r}")
+    for i, x in enumerate(v):
+        positive(f"{name}[{i}]", x)
+
+
+def _folds(name: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 2:
+        raise ValueError(f"{name} must be an integer >= 2, got {v!r}")
+
 
 # Each SAE-only field's own rule; None is accepted for the fields in _OPTIONAL.
 _RULES: dict[str, Callable[[str, Any], None]] = {
     "l0_coefficient": non_negative, "target_l0": positive, "target_l0_rate": non_negative,
     "threshold_control_rate": non_negative, "bandwidth": positive, "init_threshold": positive,
     "threshold_lr_scale": positive, "unit_norm_decoder": flag, "init_b_dec": one_of("geometric_median", "mean", "zeros"),
+    "adaptive_l1_coefficient": non_negative, "probe_loss_weight": non_negative, "joint_fraction": fraction,
+    "probe_lambdas": _positives, "probe_folds": _folds,
 }
 _OPTIONAL = ("target_l0", "bandwidth", "init_threshold", "unit_norm_decoder")
+
 
 
 @dataclass(frozen=True)
 class TrainConfig(Optimization):
     """How to train one SAE: its config, the shared Optimization settings (keyword-only) and the SAE-only ones."""
+
+    TUPLES = ("adam_betas", "hierarchical_budgets", "probe_lambdas")
+
     sae: SAEConfig
     """The SAE to train (architecture, d_in, d_sae, k, groups); its dtype must be float32 or float64."""
 
@@ -62,6 +81,26 @@ class TrainConfig(Optimization):
     init_b_dec: str = "geometric_median"
     """b_dec at step 0: 'geometric_median' or 'mean' of the first batch (normalized), or 'zeros'."""
 
+    hierarchical_budgets: tuple[int, ...] | None = None
+    """'hierarchical_topk': the budgets J (increasing, within 1..k) whose reconstruction errors the loss averages.
+    None: every j in 1..k (the paper's choice)."""
+
+    adaptive_l1_coefficient: float = 0.005
+    """'adaptivek': weight λ of the L1 term E||f||₁ / E||x|| in the reference's units (its README: 0.005)."""
+
+    probe_loss_weight: float = 0.05
+    """'adaptivek': weight of the probe's loss in the joint phase (the reference's probe_weight)."""
+
+    joint_fraction: float = 0.1
+    """'adaptivek': fraction of the steps, at the end, in which the probe trains jointly with the SAE
+    (the reference's 1 - phase_ratio); before it the probe stays as fitted in closed form."""
+
+    probe_lambdas: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
+    """'adaptivek': ridge penalties tried by cross-validation for the probe (the reference's grid)."""
+
+    probe_folds: int = 5
+    """'adaptivek': folds of the probe's cross-validation."""
+
     def __post_init__(self) -> None:
         if isinstance(self.sae, dict):
             object.__setattr__(self, "sae", SAEConfig.from_dict(self.sae))
@@ -89,8 +128,19 @@ class TrainConfig(Optimization):
                                  f"{arch!r} sets its L0 with sae.k={self.sae.k}")
             if self.target_l0 > self.sae.d_sae:
                 raise ValueError(f"target_l0={self.target_l0} is larger than d_sae={self.sae.d_sae}")
+        budgets = self.hierarchical_budgets
+        if budgets is not None:
+            if arch != "hierarchical_topk":
+                raise ValueError(f"hierarchical_budgets is for 'hierarchical_topk', not {arch!r}")
+            budgets = tuple(budgets)
+            if not budgets or any(isinstance(j, bool) or not isinstance(j, int) for j in budgets) or \
+                    any(b <= a for a, b in zip(budgets[:-1], budgets[1:], strict=True)) or budgets[0] < 1 or budgets[-1] > self.sae.k:
+                raise ValueError(f"hierarchical_budgets must be increasing integers within 1..k={self.sae.k}; "
+                                 f"got {self.hierarchical_budgets!r}")
+            object.__setattr__(self, "hierarchical_budgets", budgets)
+        object.__setattr__(self, "probe_lambdas", tuple(self.probe_lambdas))
         if self.aux_k is not None:
-            if arch not in ("topk", "batchtopk", "matryoshka"):
+            if arch not in ("topk", "batchtopk", "matryoshka", "hierarchical_topk", "adaptivek"):
                 raise ValueError(f"aux_k is for top-k architectures (AuxK loss), not {arch!r}")
             if self.aux_k > self.sae.d_sae:
                 raise ValueError(f"aux_k={self.aux_k} is larger than d_sae={self.sae.d_sae}")

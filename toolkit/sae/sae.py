@@ -26,6 +26,7 @@ from toolkit.config import SAEConfig
 from toolkit.devices import resolve_device
 from toolkit.dictionary import Dictionary
 from toolkit.errors import (
+    ArgumentError,
     CheckpointError,
     FeatureIndexError,
     ModelMismatchWarning,
@@ -34,7 +35,8 @@ from toolkit.errors import (
     check_index,
 )
 from toolkit.io import DTYPES, MANIFEST, Weights, load_weight_folder, save_weight_folder
-from toolkit.sae.architectures import get_architecture, pre_activations
+from toolkit.sae.architectures import Budget, get_architecture, pre_activations
+from toolkit.sae.budgets import PROBE_INIT_BIAS, check_k, complexity, resolve_budget
 from toolkit.sites import Site
 
 if TYPE_CHECKING:
@@ -86,7 +88,11 @@ class SAE(Dictionary):
             self.threshold = nn.Parameter(torch.full((cfg.d_sae,), JUMPRELU_INIT_THRESHOLD, dtype=dt))
         elif self.arch.threshold == "scalar":
             self.register_buffer("threshold", torch.tensor(-1.0, dtype=dt))
+        if self.arch.has_probe:  # adaptivek: complexity s = clamp(x · probe_weight + probe_bias, 0, 1) sets k
+            self.probe_weight = nn.Parameter(torch.zeros(cfg.d_in, dtype=dt))
+            self.probe_bias = nn.Parameter(torch.full((), PROBE_INIT_BIAS, dtype=dt))
         self.register_buffer("input_scale", torch.tensor(1.0, dtype=dt))
+        self.inference_k: int | None = None  # see with_k
         self.reset_parameters(seed)
         self.eval()
 
@@ -184,10 +190,11 @@ class SAE(Dictionary):
 
     # ------------------------------------------------------------ the maths
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense codes (..., d_sae) of activations x (..., d_in)."""
+    def encode(self, x: torch.Tensor, *, k: Any = None) -> torch.Tensor:
+        """Dense codes (..., d_sae) of activations x (..., d_in). `k` (top-k family): active latents per token,
+        an int in 1..cfg.k or an integer tensor of x's leading shape (default: cfg.k, adaptivek's probe, or with_k)."""
         xin, lead = self._prepare(x)
-        return self.arch.encode(self, xin).reshape(*lead, self.d_sae)
+        return _with_budget(self.arch.encode, self, xin, self._budget(xin, k, lead)).reshape(*lead, self.d_sae)
 
     def decode(self, codes: torch.Tensor, *, width: int | None = None) -> torch.Tensor:
         """Reconstruction (..., d_in) of dense codes (..., d_sae); `width` keeps only the first latents
@@ -201,23 +208,72 @@ class SAE(Dictionary):
         out = kernels.decode_dense(flat, W_dec, self.b_dec) / self.input_scale
         return out.reshape(*lead, self.d_in)
 
-    def forward(self, x: torch.Tensor) -> SAEOutput:
-        """Encode then decode; see SAEOutput."""
+    def forward(self, x: torch.Tensor, *, k: Any = None) -> SAEOutput:
+        """Encode then decode; see SAEOutput (and encode for `k`)."""
         xin, lead = self._prepare(x)
         pre = pre_activations(self, xin)
-        codes = self.arch.activate(self, pre)
+        codes = _with_budget(self.arch.activate, self, pre, self._budget(xin, k, lead))
         recon = kernels.decode_dense(codes, self.W_dec, self.b_dec) / self.input_scale
         return SAEOutput(recon.reshape(*lead, self.d_in), codes.reshape(*lead, self.d_sae),
                          pre.reshape(*lead, self.d_sae))
 
-    def encode_sparse(self, x: torch.Tensor) -> SparseCodes:
-        """The nonzero codes of x (..., d_in) as SparseCodes (..., kmax); same values as encode(x).
+    def encode_sparse(self, x: torch.Tensor, *, k: Any = None) -> SparseCodes:
+        """The nonzero codes of x (..., d_in) as SparseCodes (..., kmax); same values as encode(x, k=k).
 
         An empty batch (no rows) gives empty SparseCodes of shape (..., kmax) (kmax = k for TopK, else 1)."""
         xin, lead = self._prepare(x)
-        indices, values = self.arch.encode_sparse(self, xin)
+        indices, values = _with_budget(self.arch.encode_sparse, self, xin, self._budget(xin, k, lead))
         kmax = indices.shape[-1]  # explicit: reshape(..., -1) is ambiguous for 0 rows
         return SparseCodes(indices.reshape(*lead, kmax), values.reshape(*lead, kmax))
+
+    # ------------------------------------------------------------ budgets (top-k family)
+
+    def with_k(self, k: int | None) -> SAE:
+        """This SAE (parameters shared) encoding with `k` active latents per token by default — e.g. a
+        HierarchicalTopK SAE at budget k for splicing or metrics; None restores the architecture's default."""
+        other = self.at_site(self.cfg.site) if self.cfg.site is not None else self._shared_copy()
+        other.inference_k = None if k is None else self._check_k(k)
+        return other
+
+    def complexity(self, x: torch.Tensor) -> torch.Tensor:
+        """'adaptivek': the probe's complexity s in [0, 1] of activations x (..., d_in), shape (...)."""
+        self._need_probe("complexity")
+        xin, lead = self._prepare(x)
+        return complexity(self, xin).reshape(lead)
+
+    def budget(self, x: torch.Tensor) -> torch.Tensor:
+        """Active latents each row of x (..., d_in) gets by default (int64, shape (...)): cfg.k for TopK and
+        HierarchicalTopK, the probe's k for AdaptiveK, with_k's k if set."""
+        if not self.arch.takes_k:
+            raise ArgumentError(f"{self.name} has no per-token budget k (architecture {self.cfg.architecture!r})")
+        xin, lead = self._prepare(x)
+        k = self._budget(xin, None, lead)
+        return (k if isinstance(k, torch.Tensor) else torch.full((xin.shape[0],), k, device=xin.device)).reshape(lead)
+
+    def set_probe(self, weight: torch.Tensor, bias: float | torch.Tensor) -> SAE:
+        """'adaptivek': use the linear complexity probe s = clamp(x · weight + bias, 0, 1) on raw activations."""
+        self._need_probe("set_probe")
+        if not isinstance(weight, torch.Tensor) or weight.reshape(-1).shape[0] != self.d_in or \
+                weight.squeeze().ndim > 1:
+            shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+            raise ShapeMismatchError(f"{self.name}: the complexity probe reads {self.d_in}-wide activations; "
+                                     f"its weight must have {self.d_in} entries, got {shape}")
+        w = weight.detach().reshape(-1).to(self.probe_weight)
+        b = torch.as_tensor(bias, dtype=self.probe_bias.dtype, device=self.probe_bias.device).reshape(())
+        with torch.no_grad():  # the probe reads x * input_scale: fold the scale out of the weight
+            self.probe_weight.copy_(w / self.input_scale)
+            self.probe_bias.copy_(b)
+        return self
+
+    def _need_probe(self, what: str) -> None:
+        if not self.arch.has_probe:
+            raise ArgumentError(f"{self.name}: {what} needs an 'adaptivek' SAE (it has no complexity probe)")
+
+    def _check_k(self, k: Any) -> int:
+        return check_k(self, k)
+
+    def _budget(self, xin: torch.Tensor, k: Any, lead: torch.Size) -> Budget:
+        return resolve_budget(self, xin, k, lead)
 
     def decode_sparse(self, sparse: SparseCodes | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Reconstruction (..., d_in) from SparseCodes; reads only the active decoder rows (differentiable)."""
@@ -238,6 +294,7 @@ class SAE(Dictionary):
         lead, kmax = indices.shape[:-1], indices.shape[-1]
         out = kernels.decode_sparse(indices.reshape(-1, kmax).long(), values.reshape(-1, kmax), self.W_dec, self.b_dec)
         return (out / self.input_scale).reshape(*lead, self.d_in)
+
 
     # ------------------------------------------------------------ checks
 
@@ -278,8 +335,11 @@ class SAE(Dictionary):
     def at_site(self, site: str | Site) -> SAE:
         """This SAE (the same parameter tensors, shared) relabelled to read `site`: the explicit way to use it at
         a site other than the one it was trained on."""
-        cfg = dataclasses.replace(self.cfg, site=Site.parse(site).name)
-        other = type(self).from_state_dict(cfg, dict(self.state_dict(keep_vars=False)), source=self.name)
+        return self._shared_copy(dataclasses.replace(self.cfg, site=Site.parse(site).name))
+
+    def _shared_copy(self, cfg: SAEConfig | None = None) -> SAE:
+        other = type(self).from_state_dict(cfg or self.cfg, dict(self.state_dict(keep_vars=False)), source=self.name)
+        other.inference_k = self.inference_k
         return other.train(self.training)
 
     # ------------------------------------------------------------ small things
@@ -319,6 +379,12 @@ class SAE(Dictionary):
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
         return x, lead
+
+
+def _with_budget(method: Any, sae: SAE, t: torch.Tensor, k: Budget) -> Any:
+    """Call an architecture's method, passing k only when there is one (architectures registered by users before
+    budgets existed define activate(sae, pre))."""
+    return method(sae, t) if k is None else method(sae, t, k)
 
 
 def same_model_name(recorded: str, used: str) -> bool:

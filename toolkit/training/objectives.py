@@ -8,6 +8,7 @@ Every objective reads activations that are already normalized and returns a `Los
 - topk        ||x - x̂||² + α AuxK                                 (OpenAI "Scaling and evaluating SAEs")
 - batchtopk   as topk, with the k·B largest activations of the whole batch     ("BatchTopK Sparse Autoencoders")
 - matryoshka  Σ_w ||x - x̂_w||² over the nested prefixes w, BatchTopK codes, + α AuxK     (Matryoshka SAEs)
+- hierarchical_topk, adaptivek: see toolkit.training.budget_objectives
 
 ||·||² is summed over d_in and averaged over tokens. The top-k family encodes sparsely: pre-activations are
 computed without autograd, and the selected values get their gradient from `_SparseEncode`, whose backward
@@ -51,6 +52,8 @@ class LossContext(NamedTuple):
     """Dead latents the AuxK loss may use per token."""
     aux_coefficient: float
     """Weight α of the AuxK loss (0: off)."""
+    budgets: tuple[int, ...] | None = None
+    """'hierarchical_topk': the budgets J whose reconstructions the loss averages (None: every j in 1..K)."""
 
 
 class LossOutput(NamedTuple):

@@ -3,7 +3,8 @@ of toolkit.training.trainer.
 
 What is SAE-specific: the architecture's objective (toolkit.training.objectives); decoder rows kept at unit norm
 where the architecture's paper does so (TrainConfig.decoder_unit_norm); JumpReLU thresholds trained as log θ;
-b_dec started at the geometric median (or mean) of the first batch.
+AdaptiveK's complexity probe (toolkit.training.probe_phase); b_dec started at the geometric median (or mean) of
+the first batch.
 
 Normalization: one scalar s with E||s·x|| = sqrt(d_in) on the first `normalize_batches` batches; on save it is
 folded into the SAE (b_enc, b_dec and thresholds divided by s, so codes come out in raw units and decoder rows
@@ -22,11 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
+import toolkit.training.budget_objectives  # noqa: F401  (registers the hierarchical_topk and adaptivek objectives)
 from toolkit.config import TrainConfig
 from toolkit.errors import CheckpointError, NonFiniteError
 from toolkit.sae.sae import JUMPRELU_INIT_THRESHOLD, SAE
 from toolkit.training.batches import BatchStream, Source, sae_stream
+from toolkit.training.complexity import ComplexityData
 from toolkit.training.objectives import LossContext, LossOutput, get_objective
+from toolkit.training.probe_phase import ProbePhase
 from toolkit.training.trainer import Run, TrainResult, fit, lr_at
 
 SAE_DIR = "sae"
@@ -54,7 +58,7 @@ class SAERun(Run):
 
     name = SAE_DIR
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, complexity: ComplexityData | None = None) -> None:
         super().__init__(cfg, cfg.sae.d_sae, cfg.aux_k or cfg.sae.d_in // 2)
         self.arch = cfg.sae.architecture
         self.objective_fn = get_objective(self.arch)
@@ -71,6 +75,9 @@ class SAERun(Run):
         groups = [{"params": [getattr(self.sae, n) for n in _PARAMS], "lr_scale": 1.0}]
         if self.log_threshold is not None:
             groups.append({"params": [self.log_threshold], "lr_scale": cfg.threshold_lr_scale})
+        self.probe = ProbePhase(cfg, self.sae, complexity) if self.sae.arch.has_probe else None
+        if self.probe is not None:
+            groups.append({"params": self.probe.params(), "lr_scale": 1.0})
         self.setup_optimizer(groups)
         self.scale, self.log_coef = 1.0, 0.0
 
@@ -93,6 +100,8 @@ class SAERun(Run):
                 self.sae.b_dec.copy_(center.to(self.sae.b_dec))
         if self.log_threshold is not None and cfg.init_threshold is None and cfg.target_l0 is not None:
             self._init_thresholds(batches[0])
+        if self.probe is not None:
+            self.probe.fit(self.scale)
 
     @torch.no_grad()
     def _init_thresholds(self, batch: torch.Tensor) -> None:
@@ -110,15 +119,19 @@ class SAERun(Run):
         return x.to(dtype=self.sae.dtype) * self.scale
 
     def coefficient(self) -> float:
-        base = {"relu": self.cfg.l1_coefficient, "jumprelu": self.cfg.l0_coefficient}.get(self.arch, 0.0)
+        base = {"relu": self.cfg.l1_coefficient, "jumprelu": self.cfg.l0_coefficient,
+                "adaptivek": self.cfg.adaptive_l1_coefficient}.get(self.arch, 0.0)
         return base * self.sparsity_warmup() * math.exp(self.log_coef)
 
     def loss_context(self, dead: torch.Tensor) -> LossContext:
         return LossContext(self.coefficient(), self.log_threshold, self.cfg.jumprelu_bandwidth, dead, self.aux_k,
-                           self.cfg.aux_k_coefficient)
+                           self.cfg.aux_k_coefficient, self.cfg.hierarchical_budgets)
 
     def objective(self, x: torch.Tensor, ctx: LossContext) -> LossOutput:
-        return self.objective_fn(self.sae, x, ctx)
+        out = self.objective_fn(self.sae, x, ctx)
+        if self.probe is not None and self.probe.joint(self.step):
+            out = out._replace(loss=out.loss + self.probe.term(self.step, self.scale))
+        return out
 
     def constrain_gradients(self) -> None:
         W = self.sae.W_dec
@@ -126,6 +139,8 @@ class SAERun(Run):
             W.grad -= (W.grad * W.detach()).sum(1, keepdim=True) * W.detach()
 
     def after_update(self) -> None:
+        if self.probe is not None and self.probe.joint(self.step):
+            self.probe.after_update()
         if self.cfg.decoder_unit_norm:
             with torch.no_grad():
                 W = self.sae.W_dec
@@ -167,15 +182,19 @@ class SAERun(Run):
         t = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
         if self.log_threshold is not None:
             t["train.log_threshold"] = self.log_threshold.detach()
+        if self.probe is not None:
+            t.update(self.probe.tensors())
         return t
 
     def module_state(self) -> dict[str, Any]:
-        return {"scale": self.scale, "log_coef": self.log_coef}
+        return {"scale": self.scale, "log_coef": self.log_coef, **(self.probe.state() if self.probe else {})}
 
     def restore_module(self, t: dict[str, torch.Tensor], s: dict[str, Any]) -> None:
         self.sae.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("sae.")}, strict=True)
         if self.log_threshold is not None:
             self.log_threshold.data.copy_(t["train.log_threshold"])
+        if self.probe is not None:
+            self.probe.restore(t, s)
         self.scale, self.log_coef = float(s["scale"]), float(s["log_coef"])
 
     def final_module(self) -> SAE:
@@ -185,6 +204,8 @@ class SAERun(Run):
         if self.log_threshold is not None:
             sd["threshold"] = self.log_threshold.detach().exp()
         sd["b_enc"], sd["b_dec"] = sd["b_enc"] / s, sd["b_dec"] / s
+        if "probe_weight" in sd:  # the probe read s·x in training; it reads raw x now
+            sd["probe_weight"] = sd["probe_weight"] * s
         if "threshold" in sd and (self.log_threshold is not None or float(sd["threshold"]) >= 0):
             sd["threshold"] = sd["threshold"] / s
         return SAE.from_state_dict(self.cfg.sae, sd, source="trained SAE")
@@ -194,13 +215,17 @@ class SAERun(Run):
 
 
 def train_sae(cfg: TrainConfig, source: Source, *, out_dir: str | os.PathLike | None = None, resume: bool = False,
-              progress: bool = True, callback: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+              progress: bool = True, callback: Callable[[int, dict[str, float]], None] | None = None,
+              complexity: ComplexityData | None = None) -> TrainResult:
     """Train an SAE as `cfg` says on batches from `source`; checkpoints and the final SAE go to `out_dir`.
 
     `resume=True` continues from the newest complete checkpoint in out_dir (or starts fresh if there is none);
     without it, an out_dir that already holds checkpoints is refused. A fresh run seeds python, numpy and torch
     with cfg.seed. `callback(step, metrics)` runs after every optimizer step (and after its checkpoint).
+    'adaptivek' needs `complexity` (toolkit.training.complexity): its probe is fitted on it, then trained on it in
+    the joint phase; a resumed run must be given the same examples.
     """
+    run = SAERun(cfg, complexity)  # checks the arguments before the data is opened
     stream = sae_stream(source, cfg.sae.d_in, cfg.batch_size, cfg.seed, cfg.sae.site)
-    return fit(SAERun(cfg), stream, out_dir=out_dir, resume=resume, progress=progress, callback=callback,
+    return fit(run, stream, out_dir=out_dir, resume=resume, progress=progress, callback=callback,
                desc=f"train {cfg.sae.architecture}")

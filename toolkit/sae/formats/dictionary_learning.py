@@ -52,9 +52,25 @@ def _dl_jumprelu(s, d_in, d_sae, src):
     return "jumprelu", False, dict(s)  # apply_b_dec_to_input is a plain attribute there, False by default
 
 
+ADAPTIVEK_SCORE_RANGE = (0.0, 10.0)  # hiyukie/adaptiveK LinearProbe(min_score=0, max_score=10): never changed there
+
+
+def _dl_dynamic_topk(s, d_in, d_sae, src):
+    """hiyukie/adaptiveK AutoEncoderDynamicTopK (ae.pt) + its LinearProbe (probe.pt beside it)."""
+    t = _linear_pair(s, d_in, d_sae, src, "b_dec", {})
+    probe_file = Path(src).parent / "probe.pt"
+    if not probe_file.exists():
+        raise CheckpointError(f"{probe_file}: missing; an AdaptiveK SAE sets each input's k with its probe")
+    probe = take(read_torch_state(probe_file), {"weights": (d_in, 1), "bias": (1,)}, probe_file)
+    lo, hi = ADAPTIVEK_SCORE_RANGE  # s = (clamp(x·w + b, lo, hi) - lo) / (hi - lo) = clamp(x·w' + b', 0, 1)
+    return "adaptivek", True, {**t, "probe_weight": probe["weights"][:, 0] / (hi - lo),
+                               "probe_bias": (probe["bias"][0] - lo) / (hi - lo)}
+
+
 DICTIONARY_LEARNING_CLASSES = {
     "AutoEncoder": _dl_autoencoder, "AutoEncoderNew": _dl_autoencoder_new, "AutoEncoderTopK": _dl_topk,
     "BatchTopKSAE": _dl_batchtopk, "MatryoshkaBatchTopKSAE": _dl_matryoshka, "JumpReluAutoEncoder": _dl_jumprelu,
+    "AutoEncoderDynamicTopK": _dl_dynamic_topk,
 }
 
 
@@ -63,13 +79,18 @@ def read_dictionary_learning(path: str | os.PathLike, *, dtype: str | None = Non
     """Read a dictionary_learning save folder (ae.pt + config.json), or an ae*.pt with config.json beside it.
 
     Supported dict_class: AutoEncoder, AutoEncoderNew, AutoEncoderTopK, BatchTopKSAE, MatryoshkaBatchTopKSAE,
-    JumpReluAutoEncoder. A BatchTopK/Matryoshka threshold that was never estimated (-1) gives per-token top-k
-    at inference here, where dictionary_learning would return every positive pre-activation.
+    JumpReluAutoEncoder, and hiyukie/adaptiveK's AutoEncoderDynamicTopK (with probe.pt beside ae.pt; its
+    dynamic_config.json stands in for config.json). A BatchTopK/Matryoshka threshold that was never estimated (-1)
+    gives per-token top-k at inference here, where dictionary_learning would return every positive pre-activation.
     """
     path = Path(path)
     folder, weights_file = (path, path / "ae.pt") if path.is_dir() else (path.parent, path)
     cfg_file = folder / "config.json"
-    raw = read_json(cfg_file, "dictionary_learning config")
+    if not cfg_file.exists() and (folder / "dynamic_config.json").exists():  # AdaptiveK's save_model
+        cfg_file = folder / "dynamic_config.json"
+        raw = {"trainer": {**read_json(cfg_file, "AdaptiveK config"), "dict_class": "AutoEncoderDynamicTopK"}}
+    else:
+        raw = read_json(cfg_file, "dictionary_learning config")
     trainer = raw.get("trainer")
     if not isinstance(trainer, dict):
         raise CheckpointError(f"{cfg_file}: required key 'trainer' (an object) is missing")
@@ -85,6 +106,8 @@ def read_dictionary_learning(path: str | os.PathLike, *, dtype: str | None = Non
                            "model": model or trainer.get("lm_name"), "site": site}
     if "k" in state:  # the module's own k buffer (config.json records k at the start; it may be annealed)
         cfg["k"] = int(state["k"])
+    if arch == "adaptivek":
+        cfg["k"], cfg["k_min"] = need(trainer, "max_k", cfg_file), need(trainer, "min_k", cfg_file)
     if arch == "matryoshka":
         cfg["matryoshka_groups"] = tuple(int(g) for g in state["group_sizes"].cumsum(0))
     return build(cfg, tensors, weights_file=weights_file, cfg_file=cfg_file)

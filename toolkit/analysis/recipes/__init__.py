@@ -1,0 +1,10 @@
+"""Paper recipes on the toolkit's steering, probe and SAE pieces, each reproduced offline on the default model.
+
+- `mosaic`: SAE-feature text classifiers vs hidden-state and TF-IDF baselines (Gallifant et al. 2025).
+
+Each recipe's hand-written data set is `load_data(name)` (JSON in `data/`, with a `how_made` line).
+"""
+
+from toolkit.analysis.recipes._data import DATASETS, load_data
+
+__all__ = ["DATASETS", "load_data"]

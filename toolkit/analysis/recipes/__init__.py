@@ -1,6 +1,7 @@
 """Paper recipes on the toolkit's steering, probe and SAE pieces, each reproduced offline on the default model.
 
 - `mosaic`: SAE-feature text classifiers vs hidden-state and TF-IDF baselines (Gallifant et al. 2025).
+- `truth`: a contradiction probe per layer whose direction also steers (O'Neill et al. 2025).
 
 Each recipe's hand-written data set is `load_data(name)` (JSON in `data/`, with a `how_made` line).
 """

@@ -40,7 +40,9 @@ def test_invented_facts_rule():
     assert invented_facts(ctx, " She ate three apples in Paris.") == []
     assert invented_facts(ctx, " She ate 7 apples with Tom in Paris.") == ["7", "Tom"]
     assert invented_facts(ctx, " Then five more. Later she slept.") == ["five"]  # "Later" starts a sentence
-    assert invention_scores([ctx, ctx], [" Nothing new.", " With Lisa."]) == [0.0, 1.0]
+    assert invention_scores([ctx, ctx, ctx], [" Nothing new.", " With Lisa.", "\n\n"]) == [0.0, 1.0, 0.0]
+    with pytest.raises(ShapeMismatchError):
+        invention_scores([ctx], [])
 
 
 def test_steering_sweep_on_tiny(tiny):

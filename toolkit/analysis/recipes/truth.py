@@ -109,7 +109,8 @@ def invented_facts(prompt: str, continuation: str) -> list[str]:
 
 def invention_scores(prompts: Sequence[str], continuations: Sequence[str]) -> list[float]:
     """1.0 per continuation that invents at least one fact (see `invented_facts`), else 0.0."""
-    prompts, continuations = _check_pairs(prompts, continuations) if continuations else (prompts, continuations)
+    if len(prompts) != len(continuations) or not all(isinstance(c, str) for c in continuations):
+        raise ShapeMismatchError(f"{len(prompts)} prompts but {len(continuations)} continuations; give one string each")
     return [float(bool(invented_facts(p, c))) for p, c in zip(prompts, continuations, strict=True)]
 
 

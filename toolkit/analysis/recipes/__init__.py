@@ -5,6 +5,7 @@
 - `personality`: Big Five trait vectors, purified against each other, steered and judged (Handa et al. 2025).
 - `corrsteer`: latents correlated with correct answers, added at the last position (Cho et al. 2025).
 - `unlearning`: negative clamping of forget-domain latents where active (Farrell, Lau, Conmy 2024).
+- `detox`: hostile-text latents suppressed in three tiers, scored by a lexicon and fluency (Goyal et al. 2025).
 
 Each recipe's hand-written data set is `load_data(name)` (JSON in `data/`, with a `how_made` line).
 """

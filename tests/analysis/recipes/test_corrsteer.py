@@ -10,6 +10,7 @@ from toolkit.analysis.recipes.corrsteer import (
     corrsteer_data,
     last_codes,
     mc_prompt,
+    prune,
     random_pick,
     select,
 )
@@ -107,3 +108,24 @@ def test_batched_answers_equal_one_at_a_time(tiny, tiny_sae):
     together = answers(tiny, items, [edit], batch_size=2)
     alone = [int(answers(tiny, [it], [edit])[0]) for it in items]
     assert together.tolist() == alone
+
+
+def test_variants_a_and_p_over_two_layers(tiny, tiny_sae):
+    # variant A: one pick per layer's SAE, all edits at once; variant P: a layer's pick kept only if it alone
+    # beats the baseline accuracy on validation items
+    from toolkit.config import SAEConfig
+    from toolkit.sae.sae import SAE
+
+    sae0 = SAE.from_config(SAEConfig(d_in=64, d_sae=48, architecture="relu", site="blocks.0.resid_post"), seed=1)
+    y = np.r_[np.ones(2), np.zeros(1)]
+    picks = [select(last_codes(tiny, s, ITEMS) + 1e-3 * torch.arange(48), y, s) for s in (sae0, tiny_sae)]
+    assert [p.sae.cfg.site for p in picks] == ["blocks.0.resid_post", tiny_sae.cfg.site]
+    edits = [p.edit() for p in picks]
+    assert {e.site for e in edits} == {"blocks.0.resid_post", tiny_sae.cfg.site}
+    together = answers(tiny, ITEMS, edits)
+    assert together.shape == (3,)
+    alone = [float(answers(tiny, ITEMS, [e]).mean()) for e in edits]
+    assert prune(tiny, picks, ITEMS, baseline=-1.0) == picks  # any accuracy beats -1
+    assert prune(tiny, picks, ITEMS, baseline=1.0) == []  # no accuracy beats 1
+    kept = prune(tiny, picks, ITEMS, baseline=0.5)
+    assert kept == [p for p, a in zip(picks, alone, strict=True) if a > 0.5]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -124,9 +125,13 @@ def test_identical_tokenizer_files_share_one_tokenizer(gemma2_folder, gemma3_fol
     assert a.tokenizer is b.tokenizer
     shutil.copytree(gemma2_folder, tmp_path / "other")
     cfg = tmp_path / "other" / "tokenizer_config.json"
-    cfg.write_text(cfg.read_text() + " ")  # different bytes: its own tokenizer
+    settings = json.loads(cfg.read_text())
+    cfg.write_text(json.dumps({**settings, "local_files_only": not settings.get("local_files_only", False)}))
+    assert load_model(str(tmp_path / "other"), device="cpu").tokenizer is a.tokenizer  # a load-only key differs
+    cfg.write_text(json.dumps({**settings, "padding_side": "left" if settings.get("padding_side") == "right"
+                               else "right"}))
     c = load_model(str(tmp_path / "other"), device="cpu")
-    assert c.tokenizer is not a.tokenizer
+    assert c.tokenizer is not a.tokenizer  # a setting that changes the tokenizer: its own
     assert load_model(gemma2_folder, device="cpu", low_memory=False).tokenizer is not a.tokenizer
 
 

@@ -31,18 +31,36 @@ _BUFFERS = threading.local()
 _LIVE_EMBEDDINGS: weakref.WeakSet = weakref.WeakSet()
 _LIVE_TOKENIZERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+_LOAD_ONLY_KEYS = ("local_files_only",)
+"""tokenizer_config.json keys that only record how a tokenizer was loaded (a fine-tune saved from a model loaded
+offline writes local_files_only=true where its base has false); they do not change the tokenizer."""
+
+
+def _tokenizer_file_key(f: Path) -> bytes:
+    """The bytes a tokenizer file is compared by: the file, or tokenizer_config.json without load-only keys."""
+    data = f.read_bytes()
+    if f.name != "tokenizer_config.json":
+        return data
+    try:
+        cfg = json.loads(data)
+    except ValueError:
+        return data
+    if not isinstance(cfg, dict):
+        return data
+    return json.dumps({k: v for k, v in cfg.items() if k not in _LOAD_ONLY_KEYS}, sort_keys=True).encode()
 
 
 def shared_tokenizer(folder: str | Path, load: Callable[[], Any]) -> Any:
     """The tokenizer of a local model folder, shared with any live model whose tokenizer files are identical.
 
-    A 262k-entry Gemma tokenizer holds ~0.3 GB; a fine-tune saved beside its base has byte-identical files.
+    A 262k-entry Gemma tokenizer holds ~0.3 GB; a fine-tune saved beside its base has identical files (its
+    tokenizer_config.json may differ in load-only keys such as local_files_only, which are ignored).
     Shared means one object: change its settings (e.g. `padding_side`) and every model sharing it sees that.
     """
     digest = hashlib.sha256()
     for name in _TOKENIZER_FILES:
         f = Path(folder) / name
-        digest.update(name.encode() + (f.read_bytes() if f.is_file() else b"-"))
+        digest.update(name.encode() + (_tokenizer_file_key(f) if f.is_file() else b"-"))
     key = digest.hexdigest()
     tok = _LIVE_TOKENIZERS.get(key)
     if tok is None:

@@ -46,7 +46,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     ref = load_model("default", dtype=torch.float32, low_memory=False, progress=False)
-    lean = load_model("default", progress=False)
+    lean = load_model("default", progress=False, low_memory=True)
     assert ref.hf.lm_head.weight.dtype == torch.float32 and lean.hf.lm_head.weight.dtype == torch.bfloat16
     ctxs = token_contexts(ref.tokenizer, load_texts("default"), args.ctx)[-args.contexts:]
     agree, total, max_diff, max_rel = 0, 0, 0.0, 0.0
@@ -61,12 +61,15 @@ def main() -> None:
           f"{agree / total:.4%}, max |logit diff| {max_diff:.2e} (relative to max |logit| {max_rel:.1e})")
     print(f"weights: fp32 {weight_bytes(ref) / 1e9:.3f} GB, low-memory {weight_bytes(lean) / 1e9:.3f} GB")
     ids = ctxs[:args.batch]
+    times = {}
     for name, m in (("fp32", ref), ("low-memory", lean)):
         fwd = timed(lambda m=m: m.hf(input_ids=ids), args.reps)
         gen = timed(lambda m=m: generate(m, "Water boils at a temperature of", max_new_tokens=16), args.reps)
+        times[name] = (fwd, gen)
         print(f"{name:11s} full forward {args.batch}x{args.ctx}: {fwd * 1e3:7.0f} ms   generate 16 tokens: "
-              f"{gen * 1e3:7.0f} ms")
-
+              f"{gen * 1e3:7.0f} ms", flush=True)
+    (f32, g32), (flm, glm) = times["fp32"], times["low-memory"]
+    print(f"low-memory / fp32: full forward {flm / f32:.2f}x, generate {glm / g32:.2f}x")
 
 if __name__ == "__main__":
     main()

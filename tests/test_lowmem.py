@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -124,7 +125,37 @@ def test_identical_tokenizer_files_share_one_tokenizer(gemma2_folder, gemma3_fol
     assert a.tokenizer is b.tokenizer
     shutil.copytree(gemma2_folder, tmp_path / "other")
     cfg = tmp_path / "other" / "tokenizer_config.json"
-    cfg.write_text(cfg.read_text() + " ")  # different bytes: its own tokenizer
+    settings = json.loads(cfg.read_text())
+    cfg.write_text(json.dumps({**settings, "local_files_only": not settings.get("local_files_only", False)}))
+    assert load_model(str(tmp_path / "other"), device="cpu").tokenizer is a.tokenizer  # a load-only key differs
+    cfg.write_text(json.dumps({**settings, "padding_side": "left" if settings.get("padding_side") == "right"
+                               else "right"}))
     c = load_model(str(tmp_path / "other"), device="cpu")
-    assert c.tokenizer is not a.tokenizer
+    assert c.tokenizer is not a.tokenizer  # a setting that changes the tokenizer: its own
     assert load_model(gemma2_folder, device="cpu", low_memory=False).tokenizer is not a.tokenizer
+
+
+def test_unembed_buffer_follows_chunk_size_and_thread(gemma2_folder, monkeypatch):
+    import threading
+
+    lean = load_model(gemma2_folder, device="cpu", dtype=torch.float32)
+    w, x = lean.hf.lm_head.weight, torch.randn(2, 3, 64)
+    with torch.no_grad():
+        ref = x @ w.float().t()
+        for rows in (7, 1024, 5):  # the reused buffer is re-made when the chunk size changes (larger or smaller)
+            monkeypatch.setattr(lowmem, "CHUNK_ROWS", rows)
+            torch.testing.assert_close(lean.hf.lm_head(x), ref, atol=1e-5, rtol=1e-5)
+        outs: list = []
+
+        def run() -> None:
+            with torch.no_grad():
+                outs.append(torch.stack([lean.hf.lm_head(x) for _ in range(20)]))
+
+        threads = [threading.Thread(target=run) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(outs) == 3
+    for o in outs:  # each thread casts into its own buffer, so concurrent calls never see another's rows
+        torch.testing.assert_close(o, ref.expand(20, *ref.shape), atol=1e-5, rtol=1e-5)

@@ -224,8 +224,8 @@ def load_model(name_or_path: str = "default", device: str | torch.device | None 
     its manifest on every load. A hub id that is neither cached nor downloadable raises ModelUnavailableError
     saying how to fix it, at once when offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, or the hub unreachable).
     On CPU in fp32 from a bf16 checkpoint, `low_memory` keeps the tied embedding in bf16 (frozen, shared with
-    identical models; see `toolkit.lowmem`): same results, 40 % less memory, but generation is several times
-    slower (the unembedding casts its rows on every call). Off by default; `TOOLKIT_LOW_MEMORY=1` (Binder sets it)
+    identical models; see `toolkit.lowmem`): same logits, 31 % less weight memory, generation ~1.4x slower (the
+    unembedding casts its rows on every call). Off by default; `TOOLKIT_LOW_MEMORY=1` (Binder sets it)
     turns it on where `low_memory` is not given. `remote=True` (or an NDIF host URL) leaves the weights on the
     NDIF service and runs every toolkit trace there (toolkit.remote; needs NDIF_API_KEY and the network).
     """

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from toolkit.analysis.judge import (
     Judge,
@@ -87,3 +88,17 @@ def test_fluency_is_relative_to_unsteered_and_calibrated(tiny):
         judge.score(prompts, ["x"])
     with pytest.raises(TypeError, match="callable"):
         Judge(tiny, "ocean")
+
+
+def test_continuation_nll_is_the_mean_token_loss_at_any_batch_size(tiny):
+    prompts = ["The cat sat", "Paris is", "A"]
+    conts = [" on the mat.", " the capital of France and more", ""]
+    got = continuation_nll(tiny, prompts, conts, batch_size=3)
+    assert continuation_nll(tiny, prompts, conts, batch_size=1) == pytest.approx(got, rel=1e-5)
+    tok = tiny.tokenizer
+    p, c = [tiny.bos_token_id, *tok(prompts[1], add_special_tokens=False)["input_ids"]], \
+        tok(conts[1], add_special_tokens=False)["input_ids"]
+    with torch.no_grad():  # the padded batch above scores the second row like this unpadded forward
+        logits = tiny.hf(input_ids=torch.tensor([p + c])).logits[0].float()
+    ref = -logits[len(p) - 1:-1].log_softmax(-1).gather(-1, torch.tensor(c)[:, None]).mean()
+    assert got[1] == pytest.approx(float(ref), rel=1e-5) and got[2] == math.inf

@@ -128,3 +128,25 @@ def test_record_collects_what_the_splice_saw(tiny):
     sae = _sae()
     run_with_sae(tiny, ["The cat sat", "hello"], sae, record=rec)
     assert rec.x[0].shape[:2] == rec.codes[0].shape[:2] == (2, tiny.tokenize(["The cat sat", "hello"])["input_ids"].shape[1])
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 16, 100])
+def test_chunked_losses_equal_whole_tensor_formulas(monkeypatch, chunk):
+    from toolkit.sae import metrics
+
+    monkeypatch.setattr(metrics, "LOSS_CHUNK", chunk)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 13, 50, generator=g), torch.randn(3, 13, 50, generator=g)
+    ids = torch.randint(0, 50, (3, 13), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # padding is left out of the cross-entropies (the KL keeps every position, as before)
+    lp_a, lp_b = a[:, 1:-1].log_softmax(-1), b[:, 1:-1].log_softmax(-1)
+    keep = mask[:, 2:].bool()
+    ce_a = -lp_a.gather(-1, ids[:, 2:, None])[..., 0][keep]
+    ce_b = -lp_b.gather(-1, ids[:, 2:, None])[..., 0][keep]
+    kl = (lp_a.exp() * (lp_a - lp_b)).sum(-1).flatten()
+    got = metrics._token_losses(a, ids, mask, b)
+    for x, y in zip(got, (ce_a, ce_b, kl), strict=True):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
+    (only,) = metrics._token_losses(a, ids, mask)
+    torch.testing.assert_close(only, ce_a, atol=1e-6, rtol=1e-6)

@@ -176,11 +176,14 @@ def continuation_nll(model: Model, prompts: Sequence[str], continuations: Sequen
             mask[j, :len(r)] = 1
         with exclusive(model, "continuation_nll"):  # another thread's hooked generation must not edit this forward
             logits = model.hf(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
-        check_finite(logits[mask.to(logits.device).bool()], f"{model.name}'s logits for prompts {i}..{i + len(rows) - 1}")
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(logits.device))[..., 0].cpu()
+        # row by row, continuation positions only: no masked copy or log-softmax of the whole (b, T, vocab) block
         for j, (r, s) in enumerate(zip(rows, starts, strict=True)):
-            n = len(r) - s
-            out.append(float(-logp[j, s - 1:len(r) - 1].mean()) if n > 0 else math.inf)
+            check_finite(logits[j, :len(r)], f"{model.name}'s logits for prompt {i + j}")
+            if len(r) <= s:
+                out.append(math.inf)
+                continue
+            tgt = ids[j, s:len(r), None].to(logits.device)
+            out.append(float(-torch.log_softmax(logits[j, s - 1:len(r) - 1], -1).gather(-1, tgt).mean()))
     return out
 
 

@@ -126,12 +126,34 @@ def reconstruction_metrics(sae: SAE, x: torch.Tensor, *, batch_size: int = 4096,
     return SAEMetrics(**acc.result(dense_threshold))
 
 
-def _token_losses(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-position next-token cross-entropy for positions 1..T-2 (predictions made after BOS)."""
-    lp = logits[:, 1:-1].float().log_softmax(-1)
-    tgt = ids[:, 2:]
-    ce = -lp.gather(-1, tgt[..., None])[..., 0]
-    return ce[mask[:, 2:].bool()]
+LOSS_CHUNK = 16
+"""Positions per log-softmax in the loss metrics: a (batch, 16, 262k) fp32 block is 34 MB at batch 2, where the
+whole (2, 128, 262k) log-probabilities were 268 MB each and the KL held five of them (1.3 GB) at once."""
+
+
+def _token_losses(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                  other: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Per-position next-token cross-entropy for positions 1..T-2 (predictions made after BOS).
+
+    With `other` logits also returns its cross-entropy and KL(logits || other) per position (all positions,
+    flattened). Log-probabilities are made LOSS_CHUNK positions at a time, so no (b, T, vocab) copy is held.
+    """
+    tgt, ces, kls = ids[:, 2:], [], []
+    for s in range(1, logits.shape[1] - 1, LOSS_CHUNK):
+        e = min(s + LOSS_CHUNK, logits.shape[1] - 1)
+        t = tgt[:, s - 1:e - 1, None]
+        lp = logits[:, s:e].float().log_softmax(-1)
+        ce = [-lp.gather(-1, t)[..., 0]]
+        if other is not None:
+            lo = other[:, s:e].float().log_softmax(-1)
+            ce.append(-lo.gather(-1, t)[..., 0])
+            kls.append((lp.exp() * (lp - lo)).sum(-1))
+            del lo
+        ces.append(ce)
+        del lp
+    keep = mask[:, 2:].bool()
+    out = tuple(torch.cat(parts, 1)[keep] for parts in zip(*ces, strict=True))
+    return (*out, torch.cat(kls, 1).flatten()) if other is not None else out
 
 
 def evaluate_sae(sae: SAE, model: Model, contexts: torch.Tensor, site: str | None = None, *, batch_size: int = 2,
@@ -158,15 +180,14 @@ def evaluate_sae(sae: SAE, model: Model, contexts: torch.Tensor, site: str | Non
         acc.add(record.x[0].reshape(-1, sae.d_in), record.reconstruction[0].reshape(-1, sae.d_in),
                 record.codes[0].reshape(-1, sae.d_sae), f"activations at {edit.site} (contexts {i}..{i + len(ids) - 1})")
         mask = batch["attention_mask"]
-        ce_clean.append(_token_losses(clean, ids, mask))
-        ce_spliced.append(_token_losses(spliced, ids, mask))
-        lp_clean = clean[:, 1:-1].float().log_softmax(-1)
-        lp_spl = spliced[:, 1:-1].float().log_softmax(-1)
-        kl.append((lp_clean.exp() * (lp_clean - lp_spl)).sum(-1).flatten())
-        del clean, spliced, lp_clean, lp_spl
+        c_clean, c_spliced, k = _token_losses(clean, ids, mask, spliced)
+        ce_clean.append(c_clean)
+        ce_spliced.append(c_spliced)
+        kl.append(k)
+        del clean, spliced
         if zero_ablation:
             ablated, _ = run_with_edits(model, batch, [Ablate(edit.site, positions=slice(1, None))])
-            ce_zero.append(_token_losses(ablated, ids, mask))
+            ce_zero.append(_token_losses(ablated, ids, mask)[0])
             del ablated
     c, s = float(torch.cat(ce_clean).mean()), float(torch.cat(ce_spliced).mean())
     z = float(torch.cat(ce_zero).mean()) if ce_zero else None

@@ -61,6 +61,8 @@ def test_probe_errors():
 def test_probe_sites_on_the_tiny_model(tiny):
     table = probe_sites(tiny, POS, NEG, SITES, pooling="mean", cv=4)
     assert isinstance(table, ProbeTable) and [p.site for p in table] == SITES
+    text = repr(table)  # plain text: one row per site, never the direction tensors
+    assert all(s in text for s in SITES) and "auroc_cv" in text and "tensor" not in text
     assert all(p.auroc > 0.9 for p in table), [p.auroc for p in table]  # "cat" vs "dog" is in every token's stream
     assert table.best.direction.shape == (64,) and "<table>" in table._repr_html_()
     feats = pooled_features(tiny, POS[:2], SITES[1], pooling="last")

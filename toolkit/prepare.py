@@ -1,4 +1,5 @@
-"""Prepare what the tutorials train on first use (the SAE of 01, the fine-tune of 03), so they start in seconds.
+"""Prepare what the tutorials train on first use (the SAE of 01, the fine-tune and crosscoder of 03), so they
+start in seconds.
 
 `python -m toolkit prepare --tutorials` calls `prepare_tutorials`; Binder's postBuild runs it at build time.
 The settings below are the tutorials' own (CI size, or `TOOLKIT_NB_SIZE=full`); the artefacts are found by
@@ -18,6 +19,11 @@ TUTORIAL_SAE = {  # notebooks/01_sae_features.ipynb (its corpus also feeds 02's 
     "full": dict(site="blocks.6.resid_post", architecture="topk", d_sae=4096, k=32, steps=2000, n_contexts=2048),
 }
 TUTORIAL_FINETUNE = "pirate"  # notebooks/03_model_diff.ipynb
+TUTORIAL_CROSSCODER = {  # notebooks/03_model_diff.ipynb
+    "ci": dict(n_contexts=256, ctx_len=64, d_sae=1024, k=32, steps=600),
+    "full": dict(n_contexts=1024, ctx_len=64, d_sae=4096, k=32, steps=3000),
+}
+TUTORIAL_CROSSCODER_SITE = "blocks.13.resid_post"
 
 
 def _tutorial_sae(size: str, progress: bool) -> str:
@@ -39,7 +45,26 @@ def _tutorial_finetune(size: str, progress: bool) -> str:
     return f"fine-tune of tutorial 03: {prepare_finetuned(TUTORIAL_FINETUNE, progress=progress).name}"
 
 
-STEPS: dict[str, Callable[[str, bool], str]] = {"sae": _tutorial_sae, "finetune": _tutorial_finetune}
+def _tutorial_crosscoder(size: str, progress: bool) -> str:
+    from toolkit.config import CrosscoderConfig
+    from toolkit.crosscoder.paired import split_paired
+    from toolkit.finetune import behaviour_contexts, load_finetuned
+    from toolkit.models import load_model
+    from toolkit.training.zoo import paired_activations, trained_crosscoder
+
+    c, site = TUTORIAL_CROSSCODER[size], TUTORIAL_CROSSCODER_SITE
+    ft = load_finetuned(TUTORIAL_FINETUNE, progress=progress)  # the fine-tune first, as the tutorial loads them
+    base = load_model("default", progress=progress)
+    contexts = behaviour_contexts(base.tokenizer, TUTORIAL_FINETUNE, c["n_contexts"], c["ctx_len"])
+    train, _ = split_paired(paired_activations(base, ft, site, contexts, batch_size=16, progress=progress), (0.8, 0.2))
+    cfg = CrosscoderConfig(d_in=base.d_model, d_sae=c["d_sae"], architecture="batchtopk", k=c["k"],
+                           models=(base.name, ft.name), site=site)
+    cc = trained_crosscoder(cfg, train, total_steps=c["steps"], batch_size=512, lr=2e-3, seed=0, progress=progress)
+    return f"crosscoder of tutorial 03 ({site}, {cc.cfg.d_sae} latents)"
+
+
+STEPS: dict[str, Callable[[str, bool], str]] = {"sae": _tutorial_sae, "finetune": _tutorial_finetune,
+                                                "crosscoder": _tutorial_crosscoder}
 
 
 def prepare_tutorials(size: str = "ci", *, only: list[str] | None = None, progress: bool = True,

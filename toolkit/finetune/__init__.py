@@ -9,6 +9,7 @@ Face folder in the user cache, written atomically (temp folder, manifest last, o
 from toolkit.finetune.behaviour import (
     BEHAVIOURS,
     Behaviour,
+    behaviour_contexts,
     behaviour_prompts,
     behaviour_rate,
     get_behaviour,
@@ -30,7 +31,7 @@ from toolkit.finetune.train import (
 )
 
 __all__ = [
-    "BEHAVIOURS", "INFO_FILE", "Behaviour", "FinetuneConfig", "FinetuneResult", "behaviour_prompts", "behaviour_rate",
+    "BEHAVIOURS", "INFO_FILE", "Behaviour", "FinetuneConfig", "FinetuneResult", "behaviour_contexts", "behaviour_prompts", "behaviour_rate",
     "finetune", "finetuned_dir", "finetuned_ready", "get_behaviour", "load_finetuned", "prepare_finetuned",
     "split_texts", "trainable_parameters", "training_batches",
 ]

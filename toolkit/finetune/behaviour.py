@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from toolkit.data import load_texts
+from toolkit.data import load_texts, token_contexts
 from toolkit.errors import check_positive_int
 from toolkit.models import Model
 
@@ -97,6 +97,19 @@ def split_texts(texts: Sequence[str]) -> tuple[list[str], list[str]]:
     """(training, held-out) documents: every tenth document is held out for prompts and evaluation."""
     return [t for i, t in enumerate(texts) if i % 10], [t for i, t in enumerate(texts) if i % 10 == 0]
 
+
+
+def behaviour_contexts(tokenizer: Any, behaviour: str | Behaviour = "pirate", n_contexts: int = 256,
+                       ctx_len: int = 64) -> torch.LongTensor:
+    """Half ordinary corpus contexts, half held-out documents rewritten with the behaviour, shuffled (seeded):
+    the tokens on which a model diff (tutorial 03) compares a base model with its fine-tune."""
+    check_positive_int(n_contexts, "n_contexts")
+    b = get_behaviour(behaviour)
+    texts = load_texts("default")
+    _, held = split_texts(texts)
+    ordinary = token_contexts(tokenizer, texts, ctx_len, n_contexts=n_contexts // 2, seed=0)
+    styled = token_contexts(tokenizer, [b.rewrite(t)[0] for t in held], ctx_len, n_contexts=n_contexts // 2, seed=1)
+    return torch.cat([ordinary, styled])[torch.randperm(n_contexts, generator=torch.Generator().manual_seed(0))]
 
 
 def behaviour_prompts(n: int = 16, *, texts: Sequence[str] | None = None, min_chars: int = 40,

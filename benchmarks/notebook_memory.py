@@ -83,9 +83,23 @@ def fresh_cache(template: Path | None, model_dir: Path) -> Path:
     return cache
 
 
+def cache_entries(cache: Path, depth: int = 3) -> set[str]:
+    """Relative paths in `cache` down to `depth` levels (an artefact's folder, e.g. saes/default/<key>)."""
+    out: set[str] = set()
+    for root, dirs, files in os.walk(cache, followlinks=True):
+        rel = Path(root).relative_to(cache)
+        if len(rel.parts) >= depth:
+            dirs.clear()
+            continue
+        out.update((rel / n).as_posix() for n in [*dirs, *files] if not n.startswith("."))
+    return out
+
+
 def run_notebook(path: Path, cache: Path, size: str, per_cell: bool, timeout: int) -> dict:
-    """Execute one notebook in a fresh kernel; return peak RSS (kernel, tree), wall time and any error."""
+    """Execute one notebook in a fresh kernel; return peak RSS (kernel, tree), wall time, any error, and what
+    the kernel added to the cache (`made`: what it had to make because it was not prepared)."""
     nb = nbformat.read(path, as_version=4)
+    before = cache_entries(cache)
     os.environ["TOOLKIT_CACHE_DIR"] = str(cache)
     os.environ["TOOLKIT_NB_SIZE"] = size
     os.environ.setdefault("TQDM_MININTERVAL", "2")
@@ -123,8 +137,10 @@ def run_notebook(path: Path, cache: Path, size: str, per_cell: bool, timeout: in
     if watch is not None:
         watch.stop.set()
     peak = max((c["hwm"] for c in state["cells"]), default=0)
+    new = cache_entries(cache) - before
+    made = sorted(e for e in new if not any(e.startswith(n + "/") for n in new))  # the top-most new entries
     return {"notebook": path.name, "peak": peak, "tree_peak": max(peak, watch.peak if watch else 0),
-            "wall": wall, "error": error, "cells": state["cells"]}
+            "wall": wall, "error": error, "cells": state["cells"], "made": made}
 
 
 def main() -> int:
@@ -157,6 +173,8 @@ def main() -> int:
         r = rows[-1]
         print(f"  peak {r['peak'] / GB:.2f} GB (tree {r['tree_peak'] / GB:.2f} GB), {r['wall']:.0f} s"
               + (f", ERROR {r['error']}" if r["error"] else ""), flush=True)
+        if r["made"]:
+            print(f"  made in the cache (not prepared): {', '.join(r['made'])}", flush=True)
 
     print(f"\n| notebook | peak kernel RSS | kernel + children | budget | wall, {os.cpu_count()} cores | |")
     print("|---|---|---|---|---|---|")

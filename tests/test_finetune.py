@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 
@@ -132,3 +133,21 @@ def test_behaviour_contexts_mix_ordinary_and_rewritten_text(tiny) -> None:
     assert int(signed.sum()) == 4, signed  # the rewritten half carries the signature (shuffled), the corpus half not
     with pytest.raises(ValueError, match="unknown behaviour"):
         ft.behaviour_contexts(tiny.tokenizer, "ninja", 8, 64)
+
+
+def test_finetune_of_a_low_memory_model_thaws_only_the_trained_layers(tiny, tmp_path) -> None:
+    copy.deepcopy(tiny.hf).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")  # the shared fixture stays fp32
+    tiny.tokenizer.save_pretrained(tmp_path / "bf16")
+    base = load_model(str(tmp_path / "bf16"), device="cpu", dtype=torch.float32, low_memory=True)
+    model = load_model(str(tmp_path / "bf16"), device="cpu", dtype=torch.float32, low_memory=True)
+    shared = model.hf.model.layers[1].mlp.up_proj.weight
+    assert shared is base.hf.model.layers[1].mlp.up_proj.weight and shared.dtype == torch.bfloat16
+    before = {k: v.clone() for k, v in base.hf.state_dict().items()}
+    cfg = FinetuneConfig(layers=(1,), steps=8, batch_size=4, ctx_len=24, lr=1e-2)
+    result = ft.train.finetune(model, cfg, texts=_texts(), progress=False)
+    mlp = model.hf.model.layers[1].mlp
+    assert all(getattr(mlp, n).weight.dtype == torch.float32 for n in ("gate_proj", "up_proj", "down_proj"))
+    assert not torch.equal(mlp.up_proj.weight, shared.float())  # trained
+    assert model.hf.model.layers[0].mlp.up_proj.weight is base.hf.model.layers[0].mlp.up_proj.weight  # still shared
+    assert all(torch.equal(v, before[k]) for k, v in base.hf.state_dict().items())  # the base is untouched
+    assert result.planted_loss[-1] < result.planted_loss[0]

@@ -59,12 +59,23 @@ def test_low_memory_equals_fp32(which, request):
     emb = lean.hf.get_input_embeddings().weight
     assert emb.dtype == torch.bfloat16 and lean.hf.lm_head.weight is emb and not emb.requires_grad
     assert lean.dtype == torch.float32 and lean.hf.dtype == torch.float32
-    assert all(p.dtype == torch.float32 for n, p in lean.hf.named_parameters() if p is not emb)
+    linear = {n for n, m in lean.hf.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    assert linear and all(m.weight.dtype == torch.bfloat16 and not m.weight.requires_grad
+                          for n, m in lean.hf.named_modules() if n in linear)
+    assert all(p.dtype == torch.float32 for n, p in lean.hf.named_parameters()
+               if p is not emb and n.rsplit(".", 1)[0] not in linear)  # norms and the rest: compute dtype
     ids = ref.tokenize(["The cat sat on the mat.", "Paris is"])
     with torch.no_grad():
         a, b = ref.hf(**ids).logits, lean.hf(**ids).logits
     assert b.dtype == torch.float32
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    # gradients to the input (attribution) flow through the cast layers as through fp32 ones
+    xs = []
+    for m in (ref, lean):
+        x = m.hf.get_input_embeddings()(ids["input_ids"]).float().detach().requires_grad_(True)
+        m.hf(inputs_embeds=x, attention_mask=ids["attention_mask"]).logits[..., :5].sum().backward()
+        xs.append(x.grad)
+    torch.testing.assert_close(xs[1], xs[0], atol=1e-4, rtol=1e-4)
 
 
 def test_unembed_chunks_and_gradient(gemma2_folder, monkeypatch):
@@ -90,10 +101,18 @@ def test_identical_embeddings_are_shared(gemma2_folder, gemma3_folder):
     ea, eb = a.hf.get_input_embeddings().weight, b.hf.get_input_embeddings().weight
     assert ea is eb and b.hf.lm_head.weight is eb
     assert c.hf.get_input_embeddings().weight is not ea  # different values are never shared
-    # the rest stays separate: changing one model's layers leaves the other alone
+    up = [m.hf.model.layers[0].mlp.up_proj for m in (a, b)]
+    assert up[0].weight is up[1].weight  # identical linear weights too (a fine-tune shares all but its changes)
+    # thawing one model's layer gives it its own trainable fp32 weight and leaves the other model alone
+    lowmem.thaw(a.hf.model.layers[0].mlp)
+    assert up[0].weight.dtype == torch.float32 and up[1].weight.dtype == torch.bfloat16
     with torch.no_grad():
-        a.hf.model.layers[0].mlp.up_proj.weight.add_(1.0)
-    assert not torch.equal(a.hf.model.layers[0].mlp.up_proj.weight, b.hf.model.layers[0].mlp.up_proj.weight)
+        up[0].weight.add_(1.0)
+    assert not torch.equal(up[0].weight, up[1].weight.float())
+    x = torch.randn(3, up[0].in_features)
+    torch.testing.assert_close(up[0](x), x @ up[0].weight.t())  # an ordinary nn.Linear again
+    d = load_model(gemma2_folder, device="cpu", dtype=torch.float32)  # a third load still finds b's weights
+    assert d.hf.model.layers[0].mlp.up_proj.weight is up[1].weight
 
 
 def test_low_memory_only_where_it_is_exact(gemma2_folder, tmp_path):
@@ -110,7 +129,7 @@ def test_untied_model_is_refused():
     hf = tiny_gemma2(seed=0).hf
     hf.lm_head.weight = torch.nn.Parameter(hf.lm_head.weight.detach().clone())
     with pytest.raises(ValueError, match="tied"):
-        lowmem.keep_embedding_bf16(hf)
+        lowmem.keep_weights_bf16(hf)
 
 
 def test_tokenizer_sources_are_dropped(gemma2_folder):
@@ -159,3 +178,26 @@ def test_unembed_buffer_follows_chunk_size_and_thread(gemma2_folder, monkeypatch
     assert len(outs) == 3
     for o in outs:  # each thread casts into its own buffer, so concurrent calls never see another's rows
         torch.testing.assert_close(o, ref.expand(20, *ref.shape), atol=1e-5, rtol=1e-5)
+
+
+def test_low_memory_mode_returns_freed_blocks_to_the_os():
+    """After return_freed_memory, an 8 MB tensor gets its own mapping (unmapped, so returned, when freed); with
+    glibc's default threshold, which grows to 32 MB after the first large free, it comes from the heap, whose
+    freed middle stays resident."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+from toolkit import lowmem
+if sys.argv[1] == "1":
+    assert lowmem.return_freed_memory()
+x = torch.ones(30 << 20, dtype=torch.uint8)  # freeing one 30 MB mapping raises glibc's default threshold to 30 MB
+del x
+y = torch.ones(8 << 20, dtype=torch.uint8)
+heap = [l.split()[0].split("-") for l in open("/proc/self/maps") if l.rstrip().endswith("[heap]")]
+print(any(int(a, 16) <= y.data_ptr() < int(b, 16) for a, b in heap))
+"""
+    in_heap = [subprocess.run([sys.executable, "-c", code, flag], capture_output=True, text=True,
+                              check=True).stdout.strip() for flag in ("0", "1")]
+    assert in_heap == ["True", "False"], in_heap

@@ -13,6 +13,7 @@ from toolkit.prepare import (
     TUTORIAL_CROSSCODER,
     TUTORIAL_CROSSCODER_SITE,
     TUTORIAL_SAE,
+    TUTORIAL_STORE_CONTEXTS,
     disk_usage,
     prepare_tutorials,
 )
@@ -54,7 +55,25 @@ def test_crosscoder_settings_are_tutorial_03s():
     assert f'SITE = "{TUTORIAL_CROSSCODER_SITE}"' in src
     assert 'behaviour_contexts(base.tokenizer, "pirate", N_CONTEXTS, CTX_LEN)' in src
     assert "total_steps=STEPS, batch_size=512, lr=2e-3, seed=0" in src
-    assert list(STEPS) == ["sae", "finetune", "crosscoder"]
+    assert list(STEPS) == ["sae", "features", "finetune", "crosscoder"]
+
+
+def _notebook_code(name: str) -> str:
+    nb = json.loads((Path(__file__).resolve().parents[1] / "notebooks" / name).read_text())
+    return "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+
+
+def test_sae_and_feature_store_settings_are_tutorial_01s():
+    src = _notebook_code("01_sae_features.ipynb")
+    ci, full = TUTORIAL_SAE["ci"], TUTORIAL_SAE["full"]
+    assert f'SITE = "{ci["site"]}"' in src
+    assert f"CorpusSpec(n_contexts={full['n_contexts']} if FULL else {ci['n_contexts']})" in src
+    assert (f'trained_sae(model, SITE, "{ci["architecture"]}", d_sae={ci["d_sae"]}, k={ci["k"]}, '
+            f"steps={full['steps']} if FULL else {ci['steps']}, corpus=corpus)") in src
+    n = TUTORIAL_STORE_CONTEXTS
+    assert (f'token_contexts(model.tokenizer, load_texts("default"), 128)[-({n["full"]} if FULL else {n["ci"]}):]'
+            in src)
+    assert "build_feature_store(model, sae, held_out)" in src
 
 
 def test_disk_usage_skips_links(tmp_path):

@@ -18,7 +18,7 @@ from toolkit.convert import prepare_default_model
 from toolkit.devices import resolve_device, resolve_dtype
 from toolkit.errors import ArgumentError, ContextLengthError, EmptyInputError, ModelUnavailableError
 from toolkit.keys import manifest_weights_id
-from toolkit.lowmem import is_bf16_checkpoint, keep_embedding_bf16, shared_tokenizer
+from toolkit.lowmem import is_bf16_checkpoint, keep_weights_bf16, return_freed_memory, shared_tokenizer
 from toolkit.sites import SITE_KINDS, Site, site_width, validate_site
 
 SUPPORTED_FAMILIES = ("gemma2", "gemma3")
@@ -174,7 +174,8 @@ def _load_hf(path_or_id: str, device: torch.device, dtype: torch.dtype, local_on
         path_or_id, dtype=torch.bfloat16 if lean else dtype, attn_implementation=attn, local_files_only=local_only
     )
     if lean:
-        keep_embedding_bf16(model, dtype)
+        keep_weights_bf16(model, dtype)
+        return_freed_memory()
     return model.to(device), tok
 
 
@@ -223,9 +224,9 @@ def load_model(name_or_path: str = "default", device: str | torch.device | None 
     The default model is converted once into the user cache (see `toolkit.paths.cache_dir`) and checked against
     its manifest on every load. A hub id that is neither cached nor downloadable raises ModelUnavailableError
     saying how to fix it, at once when offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, or the hub unreachable).
-    On CPU in fp32 from a bf16 checkpoint, `low_memory` keeps the tied embedding in bf16 (frozen, shared with
-    identical models; see `toolkit.lowmem`): same logits, 31 % less weight memory, generation ~1.4x slower (the
-    unembedding casts its rows on every call). Off by default; `TOOLKIT_LOW_MEMORY=1` (Binder sets it)
+    On CPU in fp32 from a bf16 checkpoint, `low_memory` keeps the embedding and linear weights in bf16 (frozen,
+    shared with identical models; see `toolkit.lowmem`): same logits, half the weight memory, generation ~1.5x
+    slower (each matmul casts its weight on every call). Off by default; `TOOLKIT_LOW_MEMORY=1` (Binder sets it)
     turns it on where `low_memory` is not given. `remote=True` (or an NDIF host URL) leaves the weights on the
     NDIF service and runs every toolkit trace there (toolkit.remote; needs NDIF_API_KEY and the network).
     """

@@ -1,5 +1,5 @@
-"""Prepare what the tutorials train on first use (the SAE of 01, the fine-tune and crosscoder of 03), so they
-start in seconds.
+"""Prepare what the tutorials train or build on first use (the SAE and feature store of 01, the fine-tune and
+crosscoder of 03), so they start in seconds.
 
 `python -m toolkit prepare --tutorials` calls `prepare_tutorials`; Binder's postBuild runs it at build time.
 The settings below are the tutorials' own (CI size, or `TOOLKIT_NB_SIZE=full`); the artefacts are found by
@@ -18,6 +18,7 @@ TUTORIAL_SAE = {  # notebooks/01_sae_features.ipynb (its corpus also feeds 02's 
     "ci": dict(site="blocks.6.resid_post", architecture="topk", d_sae=4096, k=32, steps=300, n_contexts=512),
     "full": dict(site="blocks.6.resid_post", architecture="topk", d_sae=4096, k=32, steps=2000, n_contexts=2048),
 }
+TUTORIAL_STORE_CONTEXTS = {"ci": 128, "full": 256}  # 01's held-out contexts: the last n of 128 tokens
 TUTORIAL_FINETUNE = "pirate"  # notebooks/03_model_diff.ipynb
 TUTORIAL_CROSSCODER = {  # notebooks/03_model_diff.ipynb
     "ci": dict(n_contexts=256, ctx_len=64, d_sae=1024, k=32, steps=600),
@@ -37,6 +38,21 @@ def _tutorial_sae(size: str, progress: bool) -> str:
     sae = trained_sae(model, site, spec.pop("architecture"), corpus=CorpusSpec(n_contexts=n_contexts),
                       progress=progress, **spec)
     return f"SAE of tutorial 01 ({site}, {sae.cfg.d_sae} latents)"
+
+
+def _tutorial_features(size: str, progress: bool) -> str:
+    from toolkit.analysis.feature_store import build_feature_store
+    from toolkit.data import load_texts, token_contexts
+    from toolkit.models import load_model
+    from toolkit.training.zoo import CorpusSpec, trained_sae
+
+    spec = dict(TUTORIAL_SAE[size])
+    model = load_model("default", progress=progress)
+    sae = trained_sae(model, spec.pop("site"), spec.pop("architecture"),
+                      corpus=CorpusSpec(n_contexts=spec.pop("n_contexts")), progress=progress, **spec)
+    held_out = token_contexts(model.tokenizer, load_texts("default"), 128)[-TUTORIAL_STORE_CONTEXTS[size]:]
+    store = build_feature_store(model, sae, held_out, progress=progress)
+    return f"feature store of tutorial 01 ({len(store)} latents over {len(held_out)} contexts)"
 
 
 def _tutorial_finetune(size: str, progress: bool) -> str:
@@ -63,8 +79,8 @@ def _tutorial_crosscoder(size: str, progress: bool) -> str:
     return f"crosscoder of tutorial 03 ({site}, {cc.cfg.d_sae} latents)"
 
 
-STEPS: dict[str, Callable[[str, bool], str]] = {"sae": _tutorial_sae, "finetune": _tutorial_finetune,
-                                                "crosscoder": _tutorial_crosscoder}
+STEPS: dict[str, Callable[[str, bool], str]] = {"sae": _tutorial_sae, "features": _tutorial_features,
+                                                "finetune": _tutorial_finetune, "crosscoder": _tutorial_crosscoder}
 
 
 def prepare_tutorials(size: str = "ci", *, only: list[str] | None = None, progress: bool = True,

@@ -101,3 +101,17 @@ def test_skip_bos_leaves_bos_alone_with_left_padding(tiny):
     assert bos[1].nonzero().item() > 0  # the short prompt's BOS is not at position 0
     d = c1["blocks.0.resid_post"] - c0["blocks.0.resid_post"]
     assert d[bos].abs().max() == 0 and torch.allclose(d[~bos], torch.ones_like(d[~bos]))
+
+
+def test_logits_to_keep_returns_the_last_positions_only(tiny):
+    prompts = ["The cat sat on the mat", "Paris is"]
+    v = torch.randn(tiny.d_model)
+    with torch.no_grad():
+        full, _ = run_with_edits(tiny, prompts, [Add("blocks.0.resid_post", v)])
+        last, saved = run_with_edits(tiny, prompts, [Add("blocks.0.resid_post", v)], capture=["blocks.1.resid_post"],
+                                     logits_to_keep=2)
+    assert last.shape == (2, 2, full.shape[-1])
+    torch.testing.assert_close(last, full[:, -2:], atol=1e-5, rtol=1e-5)  # other matmul shapes: rounding only
+    assert saved["blocks.1.resid_post"].shape[1] == full.shape[1]  # activations still cover every position
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        run_with_edits(tiny, prompts, logits_to_keep=0)

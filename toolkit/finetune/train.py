@@ -19,6 +19,7 @@ import torch
 
 from toolkit.data import load_texts
 from toolkit.finetune.behaviour import get_behaviour, split_texts
+from toolkit.lowmem import thaw
 from toolkit.models import Model
 from toolkit.progress import progress_bar
 
@@ -123,14 +124,15 @@ def training_batches(tokenizer: Any, texts: Sequence[str], cfg: FinetuneConfig) 
 
 
 def trainable_parameters(hf: torch.nn.Module, cfg: FinetuneConfig) -> dict[str, torch.nn.Parameter]:
-    """The parameters `finetune` trains: `cfg.module` of each layer in `cfg.layers`, by full name."""
+    """The parameters `finetune` trains: `cfg.module` of each layer in `cfg.layers`, by full name (a low-memory
+    model's frozen bf16 weights there become trainable fp32 parameters)."""
     layers = hf.model.layers
     bad = [layer for layer in cfg.layers if layer >= len(layers)]
     if bad:
         raise ValueError(f"layers {bad} do not exist: the model has layers 0..{len(layers) - 1}")
     out = {}
     for layer in cfg.layers:
-        module = layers[layer].get_submodule(cfg.module)
+        module = thaw(layers[layer].get_submodule(cfg.module))
         for name, p in module.named_parameters():
             out[f"model.layers.{layer}.{cfg.module}.{name}"] = p
     return out

@@ -189,15 +189,20 @@ def _apply_all(model: Model, plan: list[tuple[Site, list[Edit]]], prompt_pass: b
 
 
 def run_with_edits(model: Model, inputs: Inputs, edits: Sequence[Edit] = (), *,
-                   capture: Sequence[str | Site] = (), grad: bool = False,
-                   truncate: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   capture: Sequence[str | Site] = (), grad: bool = False, truncate: bool = False,
+                   logits_to_keep: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One forward pass with `edits` applied; returns (final logits, {captured site: activation after edits}).
+
+    `logits_to_keep=n` returns the logits of the last n positions only, (batch, n, vocab): with Gemma's 262k
+    vocabulary every position's logits cost 1 MB, so a scorer that reads the last token should ask for 1.
 
     The logits are the model's own output (Gemma-2's soft-capped logits, not `lm_head.output`). Safe to call
     from several threads on one model (the trace holds the model's lock); calling it from inside an edit's
     function or another trace raises NestedTraceError.
     """
     plan = _plan(model, edits)
+    if logits_to_keep is not None:
+        check_positive_int(logits_to_keep, "logits_to_keep")
     cap = resolve_sites(model, capture) if capture else []
     batch = to_batch(model, inputs, truncate=truncate)
     check_positions(edits, batch["input_ids"].shape[1])
@@ -213,8 +218,10 @@ def run_with_edits(model: Model, inputs: Inputs, edits: Sequence[Edit] = (), *,
                                 "backpropagate through; load the model locally for gradients")
 
         acts, logits = remote_forward(model, batch, steps_for(model, steps), bos_mask)
+        logits = logits[:, -logits_to_keep:] if logits_to_keep else logits
         return logits, {s.name: a for (s, kind, _), a in zip([x for x in steps if x[1] == "read"], acts, strict=True)}
-    with exclusive(model, "run_with_edits"), torch.set_grad_enabled(grad), model.nn.trace(batch):
+    keep = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+    with exclusive(model, "run_with_edits"), torch.set_grad_enabled(grad), model.nn.trace(batch, **keep):
         for s, kind, es in steps:
             if kind == "edit":
                 _apply_all(model, [(s, es)], prompt_pass=True, bos_mask=bos_mask)

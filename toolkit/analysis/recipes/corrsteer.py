@@ -59,7 +59,7 @@ def answers(model: Model, items: Sequence[Mapping[str, Any]], edits: Sequence[Ad
     for idx in by_len.values():
         for j in range(0, len(idx), batch_size):
             chunk = idx[j:j + batch_size]
-            logits, _ = run_with_edits(model, [prompts[i] for i in chunk], list(edits))
+            logits, _ = run_with_edits(model, [prompts[i] for i in chunk], list(edits), logits_to_keep=1)
             for row, i in enumerate(chunk):
                 letters = logits[row, -1, _letter_ids(model, len(items[i]["options"]))].float()
                 check_finite(letters, "the option letters' logits")

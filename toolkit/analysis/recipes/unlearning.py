@@ -35,13 +35,13 @@ def _token_logprobs(model: Model, prompts: Sequence[str], conts: Sequence[str], 
         ps, cs = prompts[i:i + batch_size], conts[i:i + batch_size]
         logits, _ = run_with_edits(model, [p + c for p, c in zip(ps, cs, strict=True)], list(edits))
         batch = model.tokenize([p + c for p, c in zip(ps, cs, strict=True)])
-        logp = torch.log_softmax(logits.float(), -1)
-        for j, p in enumerate(ps):
+        for j, p in enumerate(ps):  # log-softmax of the continuation rows only: no (b, T, 262k) copy
             start, end = len(model.tokenize([p])["input_ids"][0]), int(batch["attention_mask"][j].sum())
             if end <= start:
                 raise EmptyInputError(f"the continuation of item {i + j} adds no tokens to its prompt")
-            ids = batch["input_ids"][j, start:end].to(logp.device)
-            out.append(float(logp[j, start - 1:end - 1].gather(-1, ids[:, None]).sum()))
+            ids = batch["input_ids"][j, start:end].to(logits.device)
+            logp = torch.log_softmax(logits[j, start - 1:end - 1].float(), -1)
+            out.append(float(logp.gather(-1, ids[:, None]).sum()))
     return out
 
 
@@ -99,8 +99,9 @@ def added_loss(model: Model, texts: Sequence[str], edits: Sequence[Edit], *, bat
             logits, _ = run_with_edits(model, chunk, list(es))
             b = model.tokenize(chunk)
             ids, mask = b["input_ids"].to(logits.device), b["attention_mask"].to(logits.device).bool()
-            lp = torch.log_softmax(logits.float()[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
-            tot -= float(lp[mask[:, 1:]].sum())
+            for j in range(len(chunk)):  # row by row: no log-softmax copy of the whole (b, T, 262k) block
+                lp = torch.log_softmax(logits[j, :-1].float(), -1).gather(-1, ids[j, 1:, None])[..., 0]
+                tot -= float(lp[mask[j, 1:]].sum())
             n += int(mask[:, 1:].sum())
         return tot / n
     return ce(edits) - ce(())

@@ -76,8 +76,9 @@ def build_feature_store(model: Any, sae: Any, contexts: torch.Tensor, folder: st
 
     A complete store with the same settings and tokens is reopened; a partial one resumes from its last
     checkpoint; one built with other settings is refused (CacheError). `folder=None` keys the folder (in the user
-    cache's feature_stores/) by a hash of everything the store depends on, so other inputs never meet it. `batch_size` defaults to what keeps the
-    dense codes of a batch under ~128 MB.
+    cache's feature_stores/) by a hash of everything the store depends on, so other inputs never meet it.
+    `batch_size` defaults to what keeps the dense codes of a batch near 32 MB (their float64 sums and masks
+    come on top; Binder's 2 GB).
     """
     if batch_size is not None:
         check_positive_int(batch_size, "batch_size")
@@ -97,7 +98,7 @@ def build_feature_store(model: Any, sae: Any, contexts: torch.Tensor, folder: st
     if (recover_folder(folder) / MANIFEST).exists():
         return _reopen(folder, meta)
     if batch_size is None:
-        batch_size = max(1, min(32, (1 << 25) // (ctx_len * sae.d_sae)))
+        batch_size = max(1, min(32, (1 << 23) // (ctx_len * sae.d_sae)))
     with lock_folder(folder, "feature store"):
         _build(model, sae, s, contexts, folder, settings, meta, batch_size, checkpoint_every, progress)
     return FeatureStore.open(folder)

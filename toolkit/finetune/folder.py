@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import logging
 import os
 from collections.abc import Sequence
@@ -80,6 +81,7 @@ def prepare_finetuned(behaviour: str = "pirate", *, cfg: FinetuneConfig | None =
     with lock_folder(folder, "fine-tune folder"):
         if not finetuned_ready(folder, cfg, texts_sha256, base_sha256):  # another process may have just made it
             _make_finetuned(behaviour, cfg, base, folder, texts, texts_sha256, base_sha256, progress)
+            gc.collect()  # the trained copy sits in reference cycles (nnsight envoys): free it before the caller loads
     return folder
 
 

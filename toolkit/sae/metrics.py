@@ -126,9 +126,9 @@ def reconstruction_metrics(sae: SAE, x: torch.Tensor, *, batch_size: int = 4096,
     return SAEMetrics(**acc.result(dense_threshold))
 
 
-LOSS_CHUNK = 16
-"""Positions per log-softmax in the loss metrics: a (batch, 16, 262k) fp32 block is 34 MB at batch 2, where the
-whole (2, 128, 262k) log-probabilities were 268 MB each and the KL held five of them (1.3 GB) at once."""
+LOSS_CHUNK = 4
+"""Positions per log-softmax in the loss metrics: the KL holds about five (batch, 4, 262k) fp32 blocks, 4 MB
+each at batch 1, where the whole (2, 128, 262k) log-probabilities were 268 MB each (1.3 GB at once)."""
 
 
 def _token_losses(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,

@@ -287,6 +287,15 @@ def return_freed_memory() -> bool:
         return False
 
 
+def trim() -> bool:
+    """Hand the free memory inside glibc's heap back to the system (after a long job such as a fine-tune, whose
+    many small freed blocks glibc keeps); True when some was handed back (False too where this is not glibc)."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def is_lowmem(hf: torch.nn.Module) -> bool:
     """True when `hf` was set up by `keep_weights_bf16`."""
     return bool(getattr(type(hf), "_toolkit_lowmem", False))

@@ -166,9 +166,10 @@ def logit_lens_ids(sae: SAE, model: Model, features: Sequence[int] | None = None
             best = [torch.full((len(dirs), 0), 0.0), torch.zeros((len(dirs), 0), dtype=torch.long)] * 2
             for v0 in range(0, vocab, vocab_chunk):
                 scores = (dirs @ W_U[v0:v0 + vocab_chunk].float().T).cpu()  # (chunk, vchunk)
-                for j, sign in ((0, 1.0), (2, -1.0)):
-                    vals = torch.cat([best[j], sign * scores], 1)
-                    ids = torch.cat([best[j + 1], torch.arange(v0, v0 + scores.shape[1]).expand_as(scores)], 1)
+                for j, sign in ((0, 1.0), (2, -1.0)):  # the chunk's own top k first: no (chunk, vchunk) copies
+                    top, where = scores.topk(min(k, scores.shape[1]), dim=1, largest=sign > 0)
+                    vals = torch.cat([best[j], sign * top], 1)
+                    ids = torch.cat([best[j + 1], where + v0], 1)
                     top, where = vals.topk(min(k, vals.shape[1]), dim=1)
                     best[j], best[j + 1] = top, ids.gather(1, where)
             for o, t in zip(outs, (best[1], best[0], best[3], -best[2]), strict=True):

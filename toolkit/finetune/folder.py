@@ -20,6 +20,7 @@ from toolkit.finetune.train import FinetuneConfig
 from toolkit.folders import lock_folder, make_dir, recover_folder, staged_folder
 from toolkit.io import DTYPES, MANIFEST, atomic_write_json, read_json, verify_manifest, write_manifest
 from toolkit.keys import model_fingerprint, stable_hash
+from toolkit.lowmem import trim
 from toolkit.models import Model, load_model
 from toolkit.paths import cache_dir
 
@@ -82,6 +83,7 @@ def prepare_finetuned(behaviour: str = "pirate", *, cfg: FinetuneConfig | None =
         if not finetuned_ready(folder, cfg, texts_sha256, base_sha256):  # another process may have just made it
             _make_finetuned(behaviour, cfg, base, folder, texts, texts_sha256, base_sha256, progress)
             gc.collect()  # the trained copy sits in reference cycles (nnsight envoys): free it before the caller loads
+            trim()
     return folder
 
 

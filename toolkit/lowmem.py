@@ -5,7 +5,7 @@ Held in bf16 (the checkpoint's own precision, so nothing is rounded) Gemma 3 270
 fp32 copies of row chunks; every other linear layer casts its weight into a reused per-thread buffer just
 before its matmul. An fp32 copy of a bf16 value is exact, so results equal an all-fp32 model (the matmuls see
 the same fp32 operands). These weights are frozen (requires_grad=False); `thaw` makes a module trainable again.
-Models loaded in one process share an identical embedding matrix.
+Models loaded in one process share bitwise-identical weights: edit a weight in place only after `thaw`.
 """
 
 from __future__ import annotations
@@ -224,10 +224,14 @@ def thaw(module: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.n
     """Make the low-memory linear layers inside `module` ordinary trainable `dtype` layers (fresh parameters:
     a weight shared with another model is left untouched). Returns `module`."""
     for m in module.modules():
-        if type(m).__dict__.get("forward") is _linear_forward:
+        if _is_cast_linear(m):
             m.weight = torch.nn.Parameter(m.weight.detach().to(dtype))
             m.__class__ = type(m).__mro__[1]
     return module
+
+
+def _is_cast_linear(m: torch.nn.Module) -> bool:
+    return type(m).__dict__.get("forward") is _linear_forward
 
 
 def _share_weights(hf: torch.nn.Module, emb: torch.nn.Embedding, head: torch.nn.Linear) -> None:
@@ -236,29 +240,29 @@ def _share_weights(hf: torch.nn.Module, emb: torch.nn.Embedding, head: torch.nn.
 
     Where anything was shared, the weights left are copied out of the checkpoint's memory map, so the mapping
     (whose pages the comparisons touched, counted in the process's resident memory) is released."""
-    emb_shared, own = False, []
+    emb_shared, shared, own = False, False, []
     for other in list(_LIVE_EMBEDDINGS):
         w = other.weight
         if w is not emb.weight and w.shape == emb.weight.shape and w.device == emb.weight.device \
                 and torch.equal(w, emb.weight):
             emb.weight = head.weight = w
-            emb_shared = True
+            emb_shared = shared = True
             break
     _LIVE_EMBEDDINGS.add(emb)
     for name, m in hf.named_modules():
-        if type(m).__dict__.get("forward") is not _linear_forward:
+        if not _is_cast_linear(m):
             continue
         live = _LIVE_LINEAR_WEIGHTS.setdefault((name, tuple(m.weight.shape)), weakref.WeakValueDictionary())
         for w in list(live.values()):
             if w is not m.weight and w.dtype == m.weight.dtype and w.device == m.weight.device \
                     and torch.equal(w, m.weight):
-                m.weight = w
+                m.weight, shared = w, True
                 break
         else:
             own.append((live, m))
         live[id(m.weight)] = m.weight
-    if not emb_shared and len(own) == sum(1 for m in hf.modules() if type(m).__dict__.get("forward") is _linear_forward):
-        return  # nothing shared: keep the memory map (file pages the system can reclaim)
+    if not shared:
+        return  # keep the memory map: its pages are the file's, which the system can reclaim
     for live, m in own:
         live.pop(id(m.weight), None)
         m.weight = torch.nn.Parameter(m.weight.detach().clone(), requires_grad=False)

@@ -174,16 +174,18 @@ def continuation_nll(model: Model, prompts: Sequence[str], continuations: Sequen
         for j, r in enumerate(rows):
             ids[j, :len(r)] = torch.tensor(r)
             mask[j, :len(r)] = 1
+        off = max(min(starts) - 1, 0)  # logits from the first position that predicts a continuation token on
         with exclusive(model, "continuation_nll"):  # another thread's hooked generation must not edit this forward
-            logits = model.hf(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+            logits = model.hf(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                              logits_to_keep=width - off).logits.float()
         # row by row, continuation positions only: no masked copy or log-softmax of the whole (b, T, vocab) block
         for j, (r, s) in enumerate(zip(rows, starts, strict=True)):
-            check_finite(logits[j, :len(r)], f"{model.name}'s logits for prompt {i + j}")
+            check_finite(logits[j, :len(r) - off], f"{model.name}'s logits for prompt {i + j}")
             if len(r) <= s:
                 out.append(math.inf)
                 continue
             tgt = ids[j, s:len(r), None].to(logits.device)
-            out.append(float(-torch.log_softmax(logits[j, s - 1:len(r) - 1], -1).gather(-1, tgt).mean()))
+            out.append(float(-torch.log_softmax(logits[j, s - 1 - off:len(r) - 1 - off], -1).gather(-1, tgt).mean()))
     return out
 
 
